@@ -1,0 +1,117 @@
+"""kiln-train: the Hydra entry point.
+
+    overrides -> Hydra composes conf/ -> schema check -> validate (before any worker)
+    -> plain dict -> launcher (local | ray) -> summary printed on the driver
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kiln.config.schema import register_configs
+from kiln.errors import KilnError
+
+
+def config_dir() -> str:
+    """conf/ of this checkout (editable install), or $KILN_CONFIG_DIR."""
+    env = os.environ.get("KILN_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    return str(Path(__file__).resolve().parents[3] / "conf")
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Resolve to a plain dict, validate it, and make every path absolute (on the driver)."""
+    from kiln.config.validate import validate_config
+
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    validate_config(plain)
+    plain["output_dir"] = str(Path(HydraConfig.get().runtime.output_dir).resolve())
+    return plain
+
+
+def resolve_data(cfg: dict) -> None:
+    from kiln.config.validate import validate_data
+    from kiln.data.default_corpus import ensure_default_dataset
+    from kiln.data.manifest import load_manifest
+    from kiln.data.tokenizer import tokenizer_from_manifest
+    from kiln.tracking.console import print_line
+
+    data = cfg["data"]
+    if data["path"] is None:
+        data["path"] = str(ensure_default_dataset(data["cache_dir"], log=print_line))
+    else:
+        data["path"] = str(Path(data["path"]).expanduser().resolve())
+    manifest = load_manifest(data["path"])
+    validate_data(cfg, manifest, tokenizer_from_manifest(manifest.tokenizer))
+
+
+def print_summary(s: dict) -> None:
+    from kiln.tracking.console import print_line
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print_line("done: " + " | ".join([
+        f"{s['steps']} steps",
+        f"final train loss {fmt(s['final_loss'])}",
+        f"final eval loss {fmt(s['final_eval_loss'])}",
+        f"{s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else "tokens/s n/a",
+    ]))
+    print_line(f"outputs: {s['output_dir']} (metrics.jsonl, summary.json, .hydra/config.yaml)")
+    wb = s.get("wandb")
+    if not wb:
+        print_line("W&B: off (logger=none)")
+    elif wb["mode"] == "offline":
+        print_line(f"W&B offline run: {wb['dir']}  (upload later: wandb sync {wb['dir']})")
+    else:
+        print_line(f"W&B {wb['mode']} run: {wb.get('url') or wb['dir']}")
+
+
+def run(cfg: DictConfig) -> dict:
+    plain = prepare(cfg)
+    resolve_data(plain)
+    # Store the resolved config with the run (Hydra's .hydra/config.yaml keeps the unresolved one).
+    out = Path(plain["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(plain), out / "resolved_config.yaml")
+    if plain["launcher"]["name"] == "local":
+        from kiln.config.validate import validate_devices
+        from kiln.launch.env import cuda_available
+        from kiln.launch.local import run_local
+
+        validate_devices(plain, 1 if cuda_available() else 0)
+        summary = run_local(plain)
+    else:
+        from kiln.launch.ray_launcher import run_ray
+
+        summary = run_ray(plain)
+    print_summary(summary)
+    return summary
+
+
+register_configs()
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except KilnError as e:
+        print(f"kiln-train: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return summary.get("final_eval_loss")  # the objective Hydra sweepers minimise
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Typed schema under the YAML in conf/.
+
+Hydra merges every YAML file onto these dataclasses, so a misspelt key or a value of the
+wrong type is rejected at composition time with the full key in the message
+(e.g. ``Key 'n_layr' not in 'ModelConfig'``). Semantic checks live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    n_layer: int = MISSING
+    n_head: int = MISSING
+    n_embd: int = MISSING
+    block_size: int = MISSING
+    # null: take the vocabulary size from the tokenizer saved beside the data shards.
+    vocab_size: Optional[int] = None
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclass
+class DataConfig:
+    # A directory written by `kiln-data`. null: kiln builds (once, then caches) a byte-level
+    # corpus from this Python's own standard library source files.
+    path: Optional[str] = None
+    # Tokens per training sequence; defaults to the model's context length.
+    seq_len: int = "${model.block_size}"  # type: ignore[assignment]
+    # DataLoader worker processes per rank (0 = read in the training process).
+    num_workers: int = 1
+    # Packed blocks held in the shuffle buffer (0 disables shuffling).
+    shuffle_buffer: int = 256
+    # Where the default corpus is cached.
+    cache_dir: str = "${oc.env:KILN_CACHE_DIR,${oc.env:HOME}/.cache/kiln}"
+
+
+@dataclass
+class ParallelismConfig:
+    name: str = MISSING
+    zero_stage: int = 2
+    # "none" or "cpu": where ZeRO keeps optimizer state / (stage 3 only) parameters.
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    # Overlap gradient reduction with the backward pass (stages 1-2).
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    # bf16 | fp16 | fp32
+    dtype: str = MISSING
+    # fp16 dynamic loss scaling: initial scale is 2**initial_scale_power.
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    log_interval: int = 10
+    eval_interval: int = 100
+    # Micro-batches per rank that make up one evaluation.
+    eval_batches: int = 8
+    seed: int = 1337
+    run_name: str = "kiln"
+
+
+@dataclass
+class LauncherConfig:
+    # local | ray
+    name: str = MISSING
+    num_workers: int = 1
+    # null: start a local Ray instance (or join $RAY_ADDRESS when set, as under `ray job submit`);
+    # "auto", "host:port" or "ray://host:port": join that cluster.
+    address: Optional[str] = None
+    # auto | true | false: GPU workers where the cluster has GPUs.
+    use_gpu: str = "auto"
+    cpus_per_worker: int = 1
+    # Where Ray Train keeps run state; null: <run output dir>/ray.
+    storage_path: Optional[str] = None
+    max_failures: int = 0
+    # Name of the network interface gloo/NCCL should use between nodes (e.g. eth0, ib0).
+    socket_ifname: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | none
+    name: str = MISSING
+    # auto | online | offline | disabled; auto = online when W&B credentials exist, else offline.
+    mode: str = "auto"
+    project: str = "kiln"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Filled in by kiln-train on the driver: the run's absolute output directory.
+    output_dir: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/train.yaml can list `train_schema` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

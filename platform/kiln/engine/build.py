@@ -1,0 +1,56 @@
+"""Wrap the model in a DeepSpeed engine. The model itself knows nothing of DeepSpeed."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+
+import torch
+
+from kiln.engine.ds_config import deepspeed_config
+
+
+class _DropKnownNoise(logging.Filter):
+    # Harmless: DeepSpeed asks the scheduler for its LR once before the first step.
+    NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every config key and every step at INFO; kiln prints its own progress."""
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropKnownNoise) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropKnownNoise())
+
+
+@contextlib.contextmanager
+def captured_stdout():
+    """DeepSpeed prints op-build chatter ("... built successfully") on every start; keep it,
+    but show it only if the block fails."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    except BaseException:
+        sys.stdout.write(buf.getvalue())
+        raise
+
+
+def build_engine(model: torch.nn.Module, cfg: dict, world_size: int, weight_decay: float):
+    import deepspeed
+
+    quiet_deepspeed()
+    ds_cfg = deepspeed_config(cfg, world_size)
+    with captured_stdout():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=model.param_groups(weight_decay),
+            config=ds_cfg,
+        )
+    return engine, ds_cfg

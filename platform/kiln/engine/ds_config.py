@@ -1,0 +1,69 @@
+"""Generate the DeepSpeed config from kiln's parallelism, precision, optim and trainer sections.
+
+Users never hand-write DeepSpeed JSON: the config groups are the interface, and this function
+is the one place that knows DeepSpeed's key names.
+"""
+
+from __future__ import annotations
+
+
+def deepspeed_config(cfg: dict, world_size: int) -> dict:
+    par, prec, opt, tr = cfg["parallelism"], cfg["precision"], cfg["optim"], cfg["trainer"]
+    stage = par["zero_stage"]
+    zero: dict = {
+        "stage": stage,
+        "contiguous_gradients": par["contiguous_gradients"],
+        "overlap_comm": par["overlap_comm"],
+    }
+    if par["offload_optimizer"] != "none":
+        zero["offload_optimizer"] = {"device": par["offload_optimizer"], "pin_memory": True}
+    if stage == 3 and par["offload_param"] != "none":
+        zero["offload_param"] = {"device": par["offload_param"], "pin_memory": True}
+    if stage == 3:
+        # Tiny models would otherwise keep everything persistent and never exercise sharding.
+        zero["stage3_param_persistence_threshold"] = 0
+
+    dtype = prec["dtype"]
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": tr["micro_batch_size"],
+        "gradient_accumulation_steps": tr["grad_accum_steps"],
+        "train_batch_size": tr["micro_batch_size"] * tr["grad_accum_steps"] * world_size,
+        "gradient_clipping": opt["grad_clip"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {
+            "enabled": dtype == "fp16",
+            "loss_scale": 0,  # 0 = dynamic loss scaling
+            "initial_scale_power": prec.get("initial_scale_power", 16),
+            "loss_scale_window": prec.get("loss_scale_window", 1000),
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt["lr"],
+                "betas": [opt["beta1"], opt["beta2"]],
+                "eps": opt["eps"],
+                "weight_decay": opt["weight_decay"],
+            },
+        },
+        "scheduler": {
+            # Linear warmup from 0 to lr over warmup_steps, then cosine to lr * min_lr_ratio.
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(tr["max_steps"], 1),
+                "warmup_num_steps": min(opt["warmup_steps"], max(tr["max_steps"] - 1, 0)),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": opt["min_lr_ratio"],
+                "warmup_type": "linear",
+            },
+        },
+        # kiln prints its own progress; DeepSpeed's per-step prints would drown it.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if dtype == "bf16":
+        # Keep gradient accumulation and reduction in fp32 for stable small-batch training.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds

@@ -1,0 +1,42 @@
+"""launcher=local: the training loop in this process, world size 1, no Ray.
+
+For single-GPU and CPU debugging: breakpoints and profilers work as in any script.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kiln.launch.env import cuda_available, free_port, set_worker_env
+
+
+def run_local(cfg: dict) -> dict:
+    set_worker_env(cfg["launcher"]["socket_ifname"])
+    import torch
+    import torch.distributed as dist
+
+    from kiln.context import Context
+    from kiln.loop import train
+
+    use_gpu = cuda_available() and cfg["launcher"]["use_gpu"] != "false"
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    # DeepSpeed needs a process group even for one process.
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    import deepspeed
+
+    from kiln.engine.build import captured_stdout
+
+    with captured_stdout():
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False,
+                                   verbose=False)
+    ctx = Context(rank=0, world_size=1, local_rank=0, node_rank=0, device=device,
+                  output_dir=Path(cfg["output_dir"]))
+    try:
+        return train(cfg, ctx)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

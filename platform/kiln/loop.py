@@ -1,0 +1,146 @@
+"""The training loop: one function, used unchanged by every launcher. It never imports Ray.
+
+    build tokenizer, stream, model, engine
+    for step in 1..max_steps:  next batch -> forward/backward/step -> log -> eval
+    summary
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kiln.context import Context
+from kiln.data.manifest import load_manifest
+from kiln.data.stream import train_loader, val_batches
+from kiln.data.tokenizer import tokenizer_from_manifest
+from kiln.engine.build import build_engine
+from kiln.model.gpt import GPT, GPTConfig
+from kiln.tracking.tracker import NullTracker, Tracker
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def train_step(engine, batches, device: torch.device, grad_accum: int) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns their mean loss (local)."""
+    total = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        x, y = next(batches)
+        _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        total += loss.detach().float()
+    return total / grad_accum
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: dict, manifest, tokenizer, ctx: Context) -> float:
+    """Mean loss over the same validation batches every time; every rank takes part (ZeRO-3
+    gathers parameters collectively inside forward)."""
+    tr = cfg["trainer"]
+    engine.eval()
+    total = torch.zeros((), device=ctx.device)
+    batches = val_batches(
+        manifest.urls("val") or manifest.urls("train"), rank=ctx.rank, world=ctx.world_size,
+        seq_len=cfg["data"]["seq_len"], batch_size=tr["micro_batch_size"], num_batches=tr["eval_batches"],
+        eos_id=tokenizer.eos_id, dtype=manifest.token_dtype,
+    )
+    for x, y in batches:
+        _, loss = engine(x.to(ctx.device), y.to(ctx.device))
+        total += loss.float()
+    engine.train()
+    return mean_across_ranks(total / tr["eval_batches"])
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def train(cfg: dict, ctx: Context) -> dict:
+    """Run `trainer.max_steps` optimizer steps; returns the run summary (rank 0's is complete)."""
+    tr, data = cfg["trainer"], cfg["data"]
+    seed_everything(tr["seed"])  # same seed on every rank: identical initial weights
+
+    manifest = load_manifest(data["path"])
+    tokenizer = tokenizer_from_manifest(manifest.tokenizer)
+    model = GPT(GPTConfig.from_model_section(cfg["model"], tokenizer.vocab_size))
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
+    engine, _ = build_engine(model, cfg, ctx.world_size, cfg["optim"]["weight_decay"])
+
+    batches = train_loader(
+        manifest.urls("train"), rank=ctx.rank, world=ctx.world_size, num_workers=data["num_workers"],
+        seq_len=data["seq_len"], batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id,
+        dtype=manifest.token_dtype, seed=tr["seed"], shuffle_buffer=data["shuffle_buffer"],
+    )
+    tracker = Tracker(cfg, ctx.output_dir) if ctx.is_main else NullTracker()
+    if ctx.is_main:
+        from kiln.tracking.console import print_line
+
+        print_line(f"model: {n_params:,} parameters; {ctx.world_size} rank(s) on {ctx.device}; "
+                   f"ZeRO-{cfg['parallelism']['zero_stage']} {cfg['precision']['dtype']}")
+
+    max_steps, grad_accum = tr["max_steps"], tr["grad_accum_steps"]
+    tokens_per_step = tr["micro_batch_size"] * grad_accum * data["seq_len"] * ctx.world_size
+    interval_loss = torch.zeros((), device=ctx.device)
+    interval_steps, interval_start = 0, time.perf_counter()
+    last: dict = {}
+    throughput: list[float] = []
+
+    for step in range(1, max_steps + 1):
+        interval_loss += train_step(engine, batches, ctx.device, grad_accum)
+        interval_steps += 1
+        do_log = step % tr["log_interval"] == 0 or step == max_steps
+        do_eval = step % tr["eval_interval"] == 0 or step == max_steps
+        if not (do_log or do_eval):
+            continue
+        loss = mean_across_ranks(interval_loss / interval_steps)  # also syncs the device
+        elapsed = time.perf_counter() - interval_start
+        metrics = {
+            "step": step,
+            "loss": loss,
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": grad_norm(engine),
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": interval_steps * tokens_per_step / elapsed,
+        }
+        throughput.append(metrics["tokens_per_s"])
+        if do_eval:
+            metrics["eval_loss"] = evaluate(engine, cfg, manifest, tokenizer, ctx)
+            last["eval_loss"] = metrics["eval_loss"]
+        tracker.log(metrics)
+        last.update(loss=loss, step=step)
+        interval_loss.zero_()
+        interval_steps, interval_start = 0, time.perf_counter()  # eval time is not train time
+
+    # The first interval includes warm-up (allocations, JIT); leave it out when there are others.
+    steady = throughput[1:] or throughput
+    summary = {
+        "steps": last.get("step", 0),
+        "final_loss": last.get("loss"),
+        "final_eval_loss": last.get("eval_loss"),
+        "tokens": max_steps * tokens_per_step,
+        "tokens_per_s": sum(steady) / len(steady) if steady else None,
+        "parameters": n_params,
+        "world_size": ctx.world_size,
+        "output_dir": str(ctx.output_dir),
+    }
+    return tracker.finish(summary)

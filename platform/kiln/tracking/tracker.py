@@ -1,0 +1,45 @@
+"""Everything rank 0 records about a run: console, metrics.jsonl, W&B, and summary.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kiln.tracking.console import format_line, print_line
+from kiln.tracking.jsonl import JsonlWriter
+from kiln.tracking.wandb_run import WandbRun, resolve_mode
+
+SUMMARY = "summary.json"
+
+
+class Tracker:
+    """Only rank 0 builds a real Tracker; the other ranks get NullTracker."""
+
+    def __init__(self, cfg: dict, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.max_steps = cfg["trainer"]["max_steps"]
+        self.jsonl = JsonlWriter(output_dir / "metrics.jsonl")
+        self.wandb = WandbRun(cfg, output_dir) if resolve_mode(cfg["logger"]) != "disabled" else None
+
+    def log(self, metrics: dict) -> None:
+        self.jsonl.log(metrics)
+        if self.wandb:
+            self.wandb.log(metrics, step=metrics["step"])
+        print_line(format_line(metrics, self.max_steps))
+
+    def finish(self, summary: dict) -> dict:
+        self.jsonl.close()
+        summary = dict(summary, metrics_file=str(self.jsonl.path))
+        summary["wandb"] = self.wandb.finish(summary) if self.wandb else None
+        tmp = self.output_dir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(self.output_dir / SUMMARY)
+        return summary
+
+
+class NullTracker:
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def finish(self, summary: dict) -> dict:
+        return summary
