@@ -1,0 +1,202 @@
+"""Every config group and experiment composes onto the schema and validates; bad values fail
+with the key's name. kiln-train is run for real for the errors users hit first."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import REPO, kiln_train
+from kiln.config.validate import validate_config, validate_data, validate_devices
+from kiln.errors import ConfigError
+
+GROUPS = ["model", "data", "parallelism", "precision", "optim", "trainer", "launcher", "logger", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ is empty"
+    assert set(options("model")) == {"tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert set(options("parallelism")) == {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
+    assert set(options("precision")) == {"bf16", "fp16", "fp32"}
+    assert set(options("launcher")) == {"local", "ray"}
+    assert set(options("logger")) == {"wandb", "none"}
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(override, compose):
+    cfg = compose([override])
+    validate_config(cfg)
+    group, option = override.split("=")
+    if group not in ("experiment", "data", "optim", "trainer"):
+        assert cfg[group]["name"] == option
+
+
+def test_defaults_are_the_embedded_demo(compose):
+    cfg = compose([])
+    assert cfg["launcher"]["name"] == "ray" and cfg["launcher"]["num_workers"] == 2
+    assert cfg["launcher"]["address"] is None
+    assert cfg["parallelism"]["zero_stage"] == 2
+    assert cfg["model"]["name"] == "tiny"
+    assert cfg["logger"]["name"] == "wandb" and cfg["logger"]["mode"] == "auto"
+    assert cfg["data"]["path"] is None and cfg["data"]["seq_len"] == cfg["model"]["block_size"]
+
+
+def test_offload_presets_move_state_to_cpu(compose):
+    z2 = compose(["parallelism=zero2_offload"])["parallelism"]
+    z3 = compose(["parallelism=zero3_offload"])["parallelism"]
+    assert (z2["zero_stage"], z2["offload_optimizer"], z2["offload_param"]) == (2, "cpu", "none")
+    assert (z3["zero_stage"], z3["offload_optimizer"], z3["offload_param"]) == (3, "cpu", "cpu")
+
+
+def test_experiment_overrides_groups(compose):
+    cfg = compose(["experiment=gpt2_small"])
+    assert cfg["model"]["name"] == "gpt2-small" and cfg["trainer"]["grad_accum_steps"] == 4
+    dbg = compose(["experiment=debug"])
+    assert dbg["launcher"]["name"] == "local" and dbg["logger"]["name"] == "none"
+
+
+def test_unknown_key_is_rejected_with_its_name(compose):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["model.n_layr=3"])
+    assert "n_layr" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_is_rejected_with_its_name(compose):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        compose(["trainer.max_steps=lots"])
+    text = str(e.value) + str(e.value.__cause__)
+    assert "max_steps" in text and "lots" in text
+
+
+def expect_config_error(cfg: dict, key: str) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    assert e.value.key == key, str(e.value)
+    assert "fix:" in str(e.value)
+    return e.value
+
+
+def test_n_embd_not_divisible_by_n_head(compose):
+    err = expect_config_error(compose(["model.n_head=5"]), "model.n_head")
+    assert "n_embd=64" in str(err) and "5" in str(err)
+
+
+def test_seq_len_above_block_size(compose):
+    expect_config_error(compose(["data.seq_len=256"]), "data.seq_len")
+
+
+def test_num_workers_below_one(compose):
+    expect_config_error(compose(["launcher.num_workers=0"]), "launcher.num_workers")
+
+
+def test_local_launcher_is_one_process(compose):
+    expect_config_error(compose(["launcher=local", "launcher.num_workers=2"]), "launcher.num_workers")
+
+
+def test_param_offload_needs_stage3(compose):
+    expect_config_error(compose(["parallelism=zero2", "parallelism.offload_param=cpu"]), "parallelism.offload_param")
+
+
+def test_fp16_without_gpu_is_rejected(compose):
+    cfg = compose(["precision=fp16"])
+    validate_config(cfg)  # statically fine; it is the hardware that rules it out
+    with pytest.raises(ConfigError) as e:
+        validate_devices(cfg, gpus_available=0)
+    assert e.value.key == "precision" and "bf16" in str(e.value)
+    assert validate_devices(cfg, gpus_available=2) is True
+
+
+def test_gpu_asked_for_but_absent(compose):
+    with pytest.raises(ConfigError) as e:
+        validate_devices(compose(["launcher.use_gpu=true"]), gpus_available=0)
+    assert e.value.key == "launcher.use_gpu"
+
+
+def test_data_path_without_shards(tmp_path):
+    from kiln.data.manifest import load_manifest
+    from kiln.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        load_manifest(tmp_path)
+    assert str(tmp_path) in str(e.value) and "kiln-data" in str(e.value)
+
+
+def test_more_readers_than_shards(compose, small_dataset):
+    from kiln.data.manifest import load_manifest
+    from kiln.data.tokenizer import tokenizer_from_manifest
+
+    m = load_manifest(small_dataset)
+    cfg = compose(["launcher.num_workers=2", f"data.num_workers={len(m.splits['train'])}"])
+    with pytest.raises(ConfigError) as e:
+        validate_data(cfg, m, tokenizer_from_manifest(m.tokenizer))
+    assert e.value.key == "data.num_workers"
+    validate_data(compose(["launcher.num_workers=2", "data.num_workers=1"]), m, tokenizer_from_manifest(m.tokenizer))
+
+
+def test_model_vocab_smaller_than_tokenizer(compose, small_dataset):
+    from kiln.data.manifest import load_manifest
+    from kiln.data.tokenizer import tokenizer_from_manifest
+
+    m = load_manifest(small_dataset)
+    with pytest.raises(ConfigError) as e:
+        validate_data(compose(["model.vocab_size=100"]), m, tokenizer_from_manifest(m.tokenizer))
+    assert e.value.key == "model.vocab_size"
+
+
+# --- the real CLI: errors come before any worker (or Ray) starts --------------------------
+
+def cli_error(tmp_path: Path, *args: str) -> str:
+    proc = kiln_train(list(args), tmp_path / "run", timeout=120)
+    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stdout}\n{proc.stderr}"
+    assert "Ray instance" not in proc.stdout and "Started training worker group" not in proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    return proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_cli_n_head_error_before_workers(tmp_path):
+    err = cli_error(tmp_path, "model=tiny", "model.n_head=5")
+    assert "model.n_head" in err and "not divisible" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(120)
+def test_cli_fp16_on_cpu_error_before_workers(tmp_path, small_dataset):
+    err = cli_error(tmp_path, "precision=fp16", f"data.path={small_dataset}")
+    assert "config error at `precision`" in err
+
+
+@pytest.mark.timeout(120)
+def test_cli_empty_data_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = cli_error(tmp_path, "launcher=local", f"data.path={empty}")
+    assert f"data.path={empty}" in err and "no shards" in err
+
+
+@pytest.mark.timeout(120)
+def test_cli_num_workers_zero(tmp_path):
+    err = cli_error(tmp_path, "launcher.num_workers=0")
+    assert "launcher.num_workers" in err
+
+
+@pytest.mark.timeout(120)
+def test_cli_seq_len_error(tmp_path):
+    err = cli_error(tmp_path, "data.seq_len=4096")
+    assert "data.seq_len" in err and "block_size" in err
+
+
+@pytest.mark.timeout(120)
+def test_cli_cfg_job_prints_composed_config():
+    import subprocess
+
+    out = subprocess.run(["kiln-train", "--cfg", "job", "model=gpt2-small"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "n_embd: 768" in out.stdout and "zero_stage: 2" in out.stdout

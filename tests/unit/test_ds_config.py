@@ -1,0 +1,28 @@
+from kiln.engine.ds_config import deepspeed_config
+
+
+def test_generated_deepspeed_config(compose):
+    cfg = compose(["parallelism=zero3_offload", "precision=bf16", "trainer.micro_batch_size=4",
+                   "trainer.grad_accum_steps=3", "trainer.max_steps=500", "optim.warmup_steps=50"])
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["train_batch_size"] == 4 * 3 * 8
+    assert ds["gradient_accumulation_steps"] == 3
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg["optim"]["lr"]
+    sched = ds["scheduler"]["params"]
+    assert sched["warmup_num_steps"] == 50 and sched["total_num_steps"] == 500
+    assert sched["warmup_type"] == "linear" and sched["cos_min_ratio"] == cfg["optim"]["min_lr_ratio"]
+    assert ds["gradient_clipping"] == cfg["optim"]["grad_clip"]
+
+
+def test_stage2_has_no_param_offload_and_fp16_scaling(compose):
+    ds = deepspeed_config(compose(["parallelism=zero2", "precision=fp16"]), world_size=2)
+    assert "offload_param" not in ds["zero_optimization"] and "offload_optimizer" not in ds["zero_optimization"]
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+
+
+def test_warmup_never_exceeds_run_length(compose):
+    ds = deepspeed_config(compose(["trainer.max_steps=30"]), world_size=1)
+    assert ds["scheduler"]["params"]["warmup_num_steps"] < 30
