@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from kiln.context import Context
-from kiln.data.manifest import load_manifest
-from kiln.data.stream import train_loader, val_batches
-from kiln.data.tokenizer import tokenizer_from_manifest
+from kiln.data.plan import DataPlan, plan_data
+from kiln.data.stream import ResumableLoader, val_batches
 from kiln.engine.build import build_engine
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.tracking.tracker import NullTracker, Tracker
@@ -50,16 +49,16 @@ def train_step(engine, batches, device: torch.device, grad_accum: int) -> torch.
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: dict, manifest, tokenizer, ctx: Context) -> float:
+def evaluate(engine, cfg: dict, plan: DataPlan, ctx: Context) -> float:
     """Mean loss over the same validation batches every time; every rank takes part (ZeRO-3
     gathers parameters collectively inside forward)."""
     tr = cfg["trainer"]
     engine.eval()
     total = torch.zeros((), device=ctx.device)
     batches = val_batches(
-        manifest.urls("val") or manifest.urls("train"), rank=ctx.rank, world=ctx.world_size,
-        seq_len=cfg["data"]["seq_len"], batch_size=tr["micro_batch_size"], num_batches=tr["eval_batches"],
-        eos_id=tokenizer.eos_id, dtype=manifest.token_dtype,
+        plan.val_urls, rank=ctx.rank, world=ctx.world_size, seq_len=cfg["data"]["seq_len"],
+        batch_size=tr["micro_batch_size"], num_batches=tr["eval_batches"], eos_id=plan.tokenizer.eos_id,
+        dtype=plan.val_dtype, on_error=cfg["data"]["on_error"],
     )
     for x, y in batches:
         _, loss = engine(x.to(ctx.device), y.to(ctx.device))
@@ -75,22 +74,29 @@ def grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
+def data_metrics(batches: ResumableLoader, plan: DataPlan) -> dict:
+    """Skipped shards/samples (data.on_error=skip) and, for mixtures, the realised share of
+    each source on this rank."""
+    stats = batches.stats()
+    out = {f"data/{k}": v for k, v in stats.items() if k.startswith("skipped") and v}
+    counts = stats["source_blocks"]
+    if len(counts) > 1 and sum(counts):
+        for s, n in zip(plan.sources, counts):
+            out[f"data/share_{s.name}"] = n / sum(counts)
+    return out
+
+
 def train(cfg: dict, ctx: Context) -> dict:
     """Run `trainer.max_steps` optimizer steps; returns the run summary (rank 0's is complete)."""
     tr, data = cfg["trainer"], cfg["data"]
     seed_everything(tr["seed"])  # same seed on every rank: identical initial weights
 
-    manifest = load_manifest(data["path"])
-    tokenizer = tokenizer_from_manifest(manifest.tokenizer)
-    model = GPT(GPTConfig.from_model_section(cfg["model"], tokenizer.vocab_size))
+    plan = plan_data(cfg)
+    model = GPT(GPTConfig.from_model_section(cfg["model"], plan.tokenizer.vocab_size))
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     engine, _ = build_engine(model, cfg, ctx.world_size, cfg["optim"]["weight_decay"])
 
-    batches = train_loader(
-        manifest.urls("train"), rank=ctx.rank, world=ctx.world_size, num_workers=data["num_workers"],
-        seq_len=data["seq_len"], batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id,
-        dtype=manifest.token_dtype, seed=tr["seed"], shuffle_buffer=data["shuffle_buffer"],
-    )
+    batches = ResumableLoader(plan.spec, rank=ctx.rank, world=ctx.world_size, num_workers=data["num_workers"])
     tracker = Tracker(cfg, ctx.output_dir) if ctx.is_main else NullTracker()
     if ctx.is_main:
         from kiln.tracking.console import print_line
@@ -122,9 +128,10 @@ def train(cfg: dict, ctx: Context) -> dict:
             "tokens": step * tokens_per_step,
             "tokens_per_s": interval_steps * tokens_per_step / elapsed,
         }
+        metrics.update(data_metrics(batches, plan))
         throughput.append(metrics["tokens_per_s"])
         if do_eval:
-            metrics["eval_loss"] = evaluate(engine, cfg, manifest, tokenizer, ctx)
+            metrics["eval_loss"] = evaluate(engine, cfg, plan, ctx)
             last["eval_loss"] = metrics["eval_loss"]
         tracker.log(metrics)
         last.update(loss=loss, step=step)
@@ -141,6 +148,7 @@ def train(cfg: dict, ctx: Context) -> dict:
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
         "parameters": n_params,
         "world_size": ctx.world_size,
+        "data": batches.stats(),
         "output_dir": str(ctx.output_dir),
     }
     return tracker.finish(summary)

@@ -127,25 +127,27 @@ def test_data_path_without_shards(tmp_path):
     assert str(tmp_path) in str(e.value) and "kiln-data" in str(e.value)
 
 
+def check_data(cfg: dict) -> None:
+    from kiln.data.plan import plan_data
+
+    plan = plan_data(cfg, check_open=True)
+    validate_data(cfg, plan.sources, plan.tokenizer)
+
+
 def test_more_readers_than_shards(compose, small_dataset):
     from kiln.data.manifest import load_manifest
-    from kiln.data.tokenizer import tokenizer_from_manifest
 
-    m = load_manifest(small_dataset)
-    cfg = compose(["launcher.num_workers=2", f"data.num_workers={len(m.splits['train'])}"])
+    shards = len(load_manifest(small_dataset).splits["train"])
+    cfg = compose(["launcher.num_workers=2", f"data.num_workers={shards}", f"data.path={small_dataset}"])
     with pytest.raises(ConfigError) as e:
-        validate_data(cfg, m, tokenizer_from_manifest(m.tokenizer))
-    assert e.value.key == "data.num_workers"
-    validate_data(compose(["launcher.num_workers=2", "data.num_workers=1"]), m, tokenizer_from_manifest(m.tokenizer))
+        check_data(cfg)
+    assert e.value.key == "data.num_workers" and str(small_dataset) in str(e.value)
+    check_data(compose(["launcher.num_workers=2", "data.num_workers=1", f"data.path={small_dataset}"]))
 
 
 def test_model_vocab_smaller_than_tokenizer(compose, small_dataset):
-    from kiln.data.manifest import load_manifest
-    from kiln.data.tokenizer import tokenizer_from_manifest
-
-    m = load_manifest(small_dataset)
     with pytest.raises(ConfigError) as e:
-        validate_data(compose(["model.vocab_size=100"]), m, tokenizer_from_manifest(m.tokenizer))
+        check_data(compose(["model.vocab_size=100", f"data.path={small_dataset}"]))
     assert e.value.key == "model.vocab_size"
 
 

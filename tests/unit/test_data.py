@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from conftest import stdlib_files
 from kiln.data.build import build_shards
 from kiln.data.manifest import load_manifest
-from kiln.data.stream import TrainStream, assign_shards, pack, read_documents, train_loader, val_batches
+from kiln.data.stream import StreamSpec, TrainStream, assign_shards, pack, read_documents, train_loader, val_batches
 from kiln.data.tokenizer import ByteTokenizer
 from kiln.errors import DataError
 
@@ -91,10 +91,11 @@ def test_more_readers_than_shards_is_an_error():
 
 
 class _ShardProbe(TrainStream):
-    """Yields the shard list each DataLoader worker would read, instead of tokens."""
+    """Yields the shards each DataLoader worker would read, instead of tokens."""
 
     def __iter__(self):
-        yield self.reader_shards()
+        role = self.role()
+        yield self.rank * self.roles + role, self.reader_shards(role)[0]
 
 
 def test_dataloader_workers_split_each_ranks_shards(small_dataset):
@@ -102,8 +103,9 @@ def test_dataloader_workers_split_each_ranks_shards(small_dataset):
     urls = m.urls("train")
     seen = {}
     for rank in range(2):
-        probe = _ShardProbe(urls, rank=rank, world=2, num_workers=2, seq_len=8, batch_size=1, eos_id=256,
-                            dtype="uint16", seed=0, shuffle_buffer=0)
+        spec = StreamSpec(sources=({"name": "d", "shards": tuple(urls), "dtype": "uint16", "weight": 1.0},),
+                          seq_len=8, batch_size=1, eos_id=256, seed=0, shuffle_window=0)
+        probe = _ShardProbe(spec, rank=rank, world=2, num_workers=2)
         for reader, shards in DataLoader(probe, batch_size=None, num_workers=2):
             seen[reader] = shards
     assert sorted(seen) == [0, 1, 2, 3]

@@ -37,19 +37,23 @@ def prepare(cfg: DictConfig) -> dict:
 
 
 def resolve_data(cfg: dict) -> None:
+    """Make data paths absolute, build the default corpus if no data is configured, and check
+    the data against the config: manifests readable, shards present, enough for every reader."""
     from kiln.config.validate import validate_data
     from kiln.data.default_corpus import ensure_default_dataset
-    from kiln.data.manifest import load_manifest
-    from kiln.data.tokenizer import tokenizer_from_manifest
+    from kiln.data.plan import plan_data
+    from kiln.data.sources import _abs
     from kiln.tracking.console import print_line
 
     data = cfg["data"]
-    if data["path"] is None:
+    if data["path"] is None and not data["mixture"]:
         data["path"] = str(ensure_default_dataset(data["cache_dir"], log=print_line))
-    else:
-        data["path"] = str(Path(data["path"]).expanduser().resolve())
-    manifest = load_manifest(data["path"])
-    validate_data(cfg, manifest, tokenizer_from_manifest(manifest.tokenizer))
+    elif data["path"] is not None:
+        data["path"] = _abs(data["path"])
+    for entry in data["mixture"]:
+        entry["path"] = _abs(entry["path"])
+    plan = plan_data(cfg, check_open=True)
+    validate_data(cfg, plan.sources, plan.tokenizer)
 
 
 def print_summary(s: dict) -> None:

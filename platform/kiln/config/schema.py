@@ -28,10 +28,29 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of data.mixture."""
+
+    path: str = MISSING
+    weight: float = 1.0
+    manifest: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    # A directory written by `kiln-data`. null: kiln builds (once, then caches) a byte-level
-    # corpus from this Python's own standard library source files.
+    # A kiln-data directory, a brace pattern of shards, http(s) URLs, or a pipe: command
+    # (see kiln/data/sources.py). null: kiln builds (once, then caches) a byte-level corpus
+    # from this Python's own standard library source files.
     path: Optional[str] = None
+    # Where manifest.json is, when it is not beside the shards (required for pipe: sources).
+    manifest: Optional[str] = None
+    # Several weighted sources instead of data.path: [{path: ..., weight: 0.7}, ...]
+    mixture: List[SourceConfig] = field(default_factory=list)
+    # raise: a bad shard or sample stops the run (naming it); skip: skip, count, warn once per shard.
+    on_error: str = "raise"
+    # false: when resuming a run, start the data stream over instead of continuing it exactly.
+    resume_stream: bool = True
     # Tokens per training sequence; defaults to the model's context length.
     seq_len: int = "${model.block_size}"  # type: ignore[assignment]
     # DataLoader worker processes per rank (0 = read in the training process).

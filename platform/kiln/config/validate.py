@@ -16,6 +16,7 @@ CHOICES = {
     "launcher.use_gpu": ("auto", "true", "false"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "data.on_error": ("raise", "skip"),
 }
 
 POSITIVE = (
@@ -107,23 +108,24 @@ def validate_devices(cfg: dict, gpus_available: int) -> bool:
     return use_gpu
 
 
-def validate_data(cfg: dict, manifest, tokenizer) -> None:
-    """Checks that need the dataset's manifest: vocabulary fits, enough shards for all readers."""
+def validate_data(cfg: dict, sources, tokenizer) -> None:
+    """Checks that need the data's manifests: vocabulary fits, enough shards for all readers."""
     m = cfg["model"]
     if m["vocab_size"] is not None and m["vocab_size"] < tokenizer.vocab_size:
         raise ConfigError(
             "model.vocab_size",
             f"model.vocab_size={m['vocab_size']} is smaller than the data's tokenizer "
-            f"({manifest.tokenizer['type']}, {tokenizer.vocab_size} tokens, in {manifest.root})",
+            f"({sources[0].tokenizer.get('type')}, {tokenizer.vocab_size} tokens, in {sources[0].root})",
             f"set model.vocab_size=null (or >= {tokenizer.vocab_size})",
         )
-    readers = cfg["launcher"]["num_workers"] * max(cfg["data"]["num_workers"], 1)
-    shards = len(manifest.splits["train"])
-    if shards < readers:
-        raise ConfigError(
-            "data.num_workers",
-            f"{manifest.root} has {shards} training shard(s) but the run has {readers} readers "
-            f"({cfg['launcher']['num_workers']} ranks x {max(cfg['data']['num_workers'], 1)} DataLoader workers); "
-            f"each reader needs shards of its own",
-            "lower data.num_workers or launcher.num_workers, or rebuild with smaller shards (kiln-data --shard-tokens)",
-        )
+    ranks, workers = cfg["launcher"]["num_workers"], max(cfg["data"]["num_workers"], 1)
+    readers = ranks * workers
+    for s in sources:
+        if len(s.train) < readers:
+            raise ConfigError(
+                "data.num_workers",
+                f"source {s.name} ({s.root}) has {len(s.train)} training shard(s) but the run has {readers} "
+                f"readers ({ranks} ranks x {workers} DataLoader workers); each reader needs shards of its own",
+                "lower data.num_workers or launcher.num_workers, or rebuild with smaller shards "
+                "(kiln-data --shard-size)",
+            )

@@ -1,26 +1,32 @@
-"""Streaming token batches from WebDataset shards.
+"""Streaming token batches from WebDataset shards, resumable token for token.
 
-Readers: every (rank, DataLoader worker) pair is one reader. Reader r of R reads shards
-r, r+R, r+2R, ... of the shard list, so no two readers ever open the same shard and together
-they cover all of them. Each reader loops over its shards forever (a fresh shuffle each pass),
-so every rank can always produce exactly `trainer.max_steps` steps: no rank runs dry and
-leaves the others hanging in a collective.
+Readers: every (rank, DataLoader worker) pair is one reader. Within each source, reader r of
+R reads shards r, r+R, r+2R, ... so no two readers ever open the same shard and together they
+cover all of them. Each reader loops over its shards forever (a fresh order each pass), so
+every rank can always produce exactly `trainer.max_steps` steps: no rank runs dry and leaves
+the others hanging in a collective.
 
-Within a reader, documents are joined with the tokenizer's end-of-document token and cut into
-blocks of seq_len + 1 tokens (inputs and next-token targets), then mixed in a shuffle buffer.
+Resumption: each batch travels with its reader's state (reader.py). The loader remembers the
+state of the last batch it *handed out* from every reader and which reader comes next, so
+batches prefetched but never used are simply produced again after a restart.
 """
 
 from __future__ import annotations
 
-import random
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
+from kiln.data.reader import MixedStream, WindowShuffle, read_documents
 from kiln.errors import DataError
+
+__all__ = ["StreamSpec", "ResumableLoader", "assign_shards", "read_documents", "pack", "val_batches",
+           "train_loader"]
+
+STATE_VERSION = 1
 
 
 def assign_shards(urls: list[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
@@ -30,24 +36,152 @@ def assign_shards(urls: list[str], rank: int, world: int, worker: int, num_worke
         raise DataError(
             f"{len(urls)} shard(s) for {readers} readers ({world} ranks x {num_workers} DataLoader workers): "
             f"every reader needs its own shard. Lower data.num_workers, use fewer ranks, or rebuild the "
-            f"data with smaller shards (kiln-data --shard-tokens)"
+            f"data with smaller shards (kiln-data --shard-size)"
         )
-    reader = rank * num_workers + worker
-    return urls[reader::readers]
+    return urls[rank * num_workers + worker::readers]
 
 
-def read_documents(url: str, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Token arrays of the documents in one shard, in order; errors name the shard."""
-    try:
-        for sample in tarfile_samples([{"url": url}]):
-            payload = next((v for k, v in sample.items() if k.startswith("tokens.")), None)
-            if payload is None:
-                raise DataError(f"shard {url}: sample {sample.get('__key__')} has no tokens.* field")
-            yield np.frombuffer(payload, dtype=dtype)
-    except DataError:
-        raise
-    except Exception as e:  # tarfile / IO errors arrive with webdataset's context appended
-        raise DataError(f"shard {url}: cannot be read ({type(e).__name__}: {e.args[0] if e.args else e})") from e
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every reader of a run shares. sources: [{"name", "shards", "dtype", "weight"}]."""
+
+    sources: tuple
+    seq_len: int
+    batch_size: int
+    eos_id: int
+    seed: int
+    shuffle_window: int
+    on_error: str = "raise"
+    fingerprint: str = ""
+
+    def identity(self) -> dict:
+        """What must match for a saved stream position to mean the same thing again."""
+        return {"fingerprint": self.fingerprint, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "seed": self.seed, "shuffle_window": self.shuffle_window,
+                "weights": [s["weight"] for s in self.sources]}
+
+
+class TrainStream(IterableDataset):
+    """Endless (x, y, meta) micro-batches for one rank; DataLoader workers split it further."""
+
+    def __init__(self, spec: StreamSpec, *, rank: int, world: int, num_workers: int,
+                 rotation: int = 0, reader_states: dict | None = None):
+        super().__init__()
+        self.spec, self.rank, self.world = spec, rank, world
+        self.roles = max(num_workers, 1)
+        self.rotation, self.reader_states = rotation, reader_states or {}
+
+    def role(self) -> int:
+        info = get_worker_info()
+        return ((info.id if info is not None else 0) + self.rotation) % self.roles
+
+    def reader_shards(self, role: int) -> list[list[str]]:
+        return [assign_shards(list(s["shards"]), self.rank, self.world, role, self.roles)
+                for s in self.spec.sources]
+
+    def __iter__(self):
+        spec, role = self.spec, self.role()
+        reader = self.rank * self.roles + role
+        sources = [dict(s, shards=mine) for s, mine in zip(spec.sources, self.reader_shards(role))]
+
+        def make_stream(state):
+            return MixedStream(sources, reader=reader, seed=spec.seed, block=spec.seq_len + 1,
+                               eos_id=spec.eos_id, on_error=spec.on_error, state=state)
+
+        shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
+                                state=self.reader_states.get(role))
+        while True:
+            arr = torch.from_numpy(np.stack([shuffle.next_block() for _ in range(spec.batch_size)]))
+            meta = {"role": role, "state": shuffle.state(), "stats": shuffle.stream.stats(),
+                    "source_counts": list(shuffle.stream.source_counts)}
+            yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous(), meta  # (B, T) inputs, targets
+
+
+class ResumableLoader:
+    """Iterator of (x, y) for one rank, with `state_dict()` to save its exact position."""
+
+    def __init__(self, spec: StreamSpec, *, rank: int, world: int, num_workers: int,
+                 state: dict | None = None, prefetch_factor: int = 4):
+        self.spec, self.rank, self.world, self.num_workers = spec, rank, world, num_workers
+        self.roles = max(num_workers, 1)
+        if state is not None:
+            check_resumable(state, spec, world, num_workers)
+        self.readers = {int(k): v for k, v in (state or {}).get("readers", {}).items()}
+        self.next_role = (state or {}).get("next_role", 0)
+        self._stats: dict[int, dict] = {}
+        self._counts: dict[int, list] = {}
+        dataset = TrainStream(spec, rank=rank, world=world, num_workers=num_workers,
+                              rotation=self.next_role, reader_states=self.readers)
+        if num_workers == 0:
+            self._it = iter(dataset)
+        else:
+            # batch_size=None: the stream yields whole micro-batches. Workers are read in turn
+            # (in order), which is what makes "the next reader" well defined.
+            self._it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       prefetch_factor=prefetch_factor))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, meta = next(self._it)
+        role = int(meta["role"])
+        self.readers[role] = meta["state"]
+        self._stats[role] = meta["stats"]
+        self._counts[role] = list(meta["source_counts"])
+        self.next_role = (role + 1) % self.roles
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.rank, "world": self.world,
+                "num_workers": self.num_workers, "next_role": self.next_role,
+                "readers": {str(k): v for k, v in self.readers.items()}, **self.spec.identity()}
+
+    def stats(self) -> dict:
+        """Skipped shards/samples, and blocks drawn per source, summed over this rank's readers."""
+        out: dict = {}
+        for s in self._stats.values():
+            for k, v in s.items():
+                out[k] = out.get(k, 0) + v
+        counts = [sum(c[i] for c in self._counts.values()) for i in range(len(self.spec.sources))]
+        out["source_blocks"] = counts
+        return out
+
+
+def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int) -> None:
+    """A saved position only means something for the same data and the same reader layout.
+    Re-partitioning shards across a different number of readers cannot reproduce the
+    uninterrupted order, so kiln refuses rather than silently repeating or skipping documents."""
+    deliberately = ("to continue anyway, set data.resume_stream=false: the data stream starts over "
+                    "(documents already seen may be seen again)")
+    if state.get("version") != STATE_VERSION:
+        raise DataError(f"saved data-stream state has version {state.get('version')}, expected {STATE_VERSION}; "
+                        + deliberately)
+    if state.get("fingerprint") != spec.fingerprint:
+        raise DataError(
+            f"the data changed since the checkpoint: dataset fingerprint {state.get('fingerprint')!r} was "
+            f"saved, the configured data has {spec.fingerprint!r}. Point data.path/data.mixture at the "
+            f"original data, or " + deliberately)
+    if (state.get("world"), state.get("num_workers")) != (world, num_workers):
+        raise DataError(
+            f"the data stream was saved with {state.get('world')} rank(s) x {state.get('num_workers')} "
+            f"DataLoader worker(s) per rank, this run has {world} x {num_workers}. Resume with "
+            f"launcher.num_workers={state.get('world')} data.num_workers={state.get('num_workers')}, or "
+            + deliberately)
+    for key, value in spec.identity().items():
+        if key != "fingerprint" and state.get(key) != value:
+            raise DataError(f"the data stream was saved with {key}={state.get(key)}, this run has {value}; "
+                            f"restore it, or " + deliberately)
+
+
+def train_loader(urls: list[str], *, rank: int, world: int, num_workers: int, seq_len: int, batch_size: int,
+                 eos_id: int, dtype: str, seed: int, shuffle_buffer: int, on_error: str = "raise",
+                 state: dict | None = None) -> ResumableLoader:
+    """One source, convenience form."""
+    spec = StreamSpec(sources=({"name": "data", "shards": tuple(urls), "dtype": dtype, "weight": 1.0},),
+                      seq_len=seq_len, batch_size=batch_size, eos_id=eos_id, seed=seed,
+                      shuffle_window=shuffle_buffer, on_error=on_error)
+    return ResumableLoader(spec, rank=rank, world=world, num_workers=num_workers, state=state)
 
 
 def pack(docs: Iterator[np.ndarray], block: int, eos_id: int) -> Iterator[np.ndarray]:
@@ -60,96 +194,29 @@ def pack(docs: Iterator[np.ndarray], block: int, eos_id: int) -> Iterator[np.nda
             buf = buf[block:]
 
 
-def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Shuffle buffer: hold `size` items, emit a random one as each new one arrives."""
-    if size <= 1:
-        yield from items
-        return
-    buf = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
-def batched(blocks: Iterator[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) micro-batches of shape (B, T): y is x shifted by one token."""
-    group = []
-    for b in blocks:
-        group.append(b)
-        if len(group) == batch_size:
-            arr = torch.from_numpy(np.stack(group))  # (B, T + 1)
-            yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
-            group = []
-
-
-class TrainStream(IterableDataset):
-    """Endless micro-batches for one rank; split further across its DataLoader workers."""
-
-    def __init__(self, urls: list[str], *, rank: int, world: int, num_workers: int, seq_len: int,
-                 batch_size: int, eos_id: int, dtype: str, seed: int, shuffle_buffer: int):
-        super().__init__()
-        self.urls, self.rank, self.world, self.num_workers = list(urls), rank, world, max(num_workers, 1)
-        self.seq_len, self.batch_size, self.eos_id = seq_len, batch_size, eos_id
-        self.dtype = np.dtype(dtype)
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-
-    def reader_shards(self) -> tuple[int, list[str]]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        return self.rank * self.num_workers + worker, assign_shards(
-            self.urls, self.rank, self.world, worker, self.num_workers)
-
-    def _documents(self, reader: int, shards: list[str]) -> Iterator[np.ndarray]:
-        epoch = 0
-        while True:
-            order = list(shards)
-            random.Random(f"{self.seed}/{reader}/{epoch}").shuffle(order)
-            for url in order:
-                yield from read_documents(url, self.dtype)
-            epoch += 1
-
-    def __iter__(self):
-        reader, shards = self.reader_shards()
-        blocks = pack(self._documents(reader, shards), self.seq_len + 1, self.eos_id)
-        rng = random.Random(f"{self.seed}/{reader}/shuffle")
-        yield from batched(shuffled(blocks, self.shuffle_buffer, rng), self.batch_size)
-
-
-def train_loader(urls: list[str], *, rank: int, world: int, num_workers: int, seq_len: int,
-                 batch_size: int, eos_id: int, dtype: str, seed: int, shuffle_buffer: int) -> Iterator:
-    stream = TrainStream(urls, rank=rank, world=world, num_workers=num_workers, seq_len=seq_len,
-                         batch_size=batch_size, eos_id=eos_id, dtype=dtype, seed=seed,
-                         shuffle_buffer=shuffle_buffer)
-    if num_workers == 0:
-        return iter(stream)
-    # batch_size=None: the stream already yields whole micro-batches. Workers take turns, so
-    # the interleaving (and hence the batch order) is deterministic.
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4)
-    return iter(loader)
-
-
 def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int,
-                num_batches: int, eos_id: int, dtype: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                num_batches: int, eos_id: int, dtype: str, on_error: str = "raise"
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same `num_batches` micro-batches for this rank at every evaluation: the validation
     split read in order, block i going to rank i % world, wrapping around if it is short."""
     dt = np.dtype(dtype)
 
     def endless_docs():
         while True:
+            n = 0
             for url in urls:
-                yield from read_documents(url, dt)
+                for doc in read_documents(url, dt, on_error):
+                    n += 1
+                    yield doc
+            if n == 0:
+                raise DataError(f"the validation shards yielded no documents: {urls[:3]}")
 
     def mine():
         for i, block in enumerate(pack(endless_docs(), seq_len + 1, eos_id)):
             if i % world == rank:
                 yield block
 
-    it = batched(mine(), batch_size)
+    blocks = mine()
     for _ in range(num_batches):
-        yield next(it)
+        arr = torch.from_numpy(np.stack([next(blocks) for _ in range(batch_size)]))
+        yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()

@@ -1,0 +1,162 @@
+"""Where training data comes from: `data.path` (one source) or `data.mixture` (several, weighted).
+
+A source is one of
+    /data/owt                                  a directory written by kiln-data (its manifest.json)
+    /data/owt/train-{000000..000099}.tar       a brace pattern of shards (manifest.json beside them)
+    http://host/owt/train-{000000..000099}.tar shards over HTTP(S) (manifest fetched from beside them)
+    pipe:aws s3 cp s3://b/owt/train-{000000..000099}.tar -   a shell command per shard, as WebDataset
+                                               reads S3/GCS (needs `manifest:` naming where manifest.json is)
+Every source needs its manifest: it names the tokenizer and token width, the validation shards,
+and the shards' checksums, from which the stream fingerprint is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from kiln.errors import ConfigError, DataError
+
+REMOTE = ("http://", "https://", "pipe:")
+TAR_NAME = re.compile(r"([\w.\-]+\.tar)\b")
+
+
+@dataclass
+class Source:
+    name: str
+    train: list[str]
+    val: list[str]
+    dtype: str
+    tokenizer: dict
+    root: str  # directory or base URL of the manifest (a saved tokenizer lives there)
+    weight: float = 1.0
+    checksums: list[str] = field(default_factory=list)
+
+    def to_stream(self) -> dict:
+        return {"name": self.name, "shards": tuple(self.train), "dtype": self.dtype, "weight": self.weight}
+
+
+def _read_text(location: str) -> str:
+    if location.startswith(("http://", "https://")):
+        with urllib.request.urlopen(location, timeout=30) as r:
+            return r.read().decode()
+    if location.startswith("pipe:"):
+        out = subprocess.run(location[5:], shell=True, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise OSError(f"command exited {out.returncode}: {out.stderr.strip()[:200]}")
+        return out.stdout
+    return Path(location).expanduser().read_text()
+
+
+def _manifest_location(path: str, manifest: str | None, key: str) -> str:
+    if manifest:
+        return manifest
+    if path.startswith("pipe:"):
+        raise ConfigError(key, f"source {path!r} is a pipe: command, so kiln cannot guess where its "
+                          f"manifest.json is", "add `manifest:` with the manifest's path, URL or pipe: command")
+    return path.rsplit("/", 1)[0] + "/manifest.json"
+
+
+def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.0, name: str | None = None,
+                   key: str = "data.path") -> Source:
+    if not path.startswith(REMOTE) and Path(path).expanduser().is_dir() and manifest is None:
+        from kiln.data.manifest import load_manifest
+
+        m = load_manifest(path)
+        by_file = {s.file: s.sha256 for s in m.splits["train"]}
+        return Source(name or Path(path).name, m.urls("train"), m.urls("val"), m.token_dtype, m.tokenizer,
+                      str(m.root), weight, [by_file[Path(u).name] for u in m.urls("train")])
+
+    location = _manifest_location(path, manifest, key)
+    try:
+        raw = json.loads(_read_text(location))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{key}: cannot read the manifest for {path!r} at {location!r} ({e}); "
+                        f"shards written by kiln-data have manifest.json beside them") from e
+    base = location.rsplit("/", 1)[0]
+    splits = raw.get("splits", {})
+    listed = {s["file"]: s["sha256"] for s in splits.get("train", [])}
+    train = list(braceexpand(path))
+    checksums = []
+    for url in train:
+        m = TAR_NAME.findall(url)
+        if not m or m[-1] not in listed:
+            raise DataError(f"{key}: shard {url!r} is not a training shard listed in {location}")
+        checksums.append(listed[m[-1]])
+    val = [] if path.startswith("pipe:") else [f"{base}/{s['file']}" for s in splits.get("val", [])]
+    return Source(name or Path(base).name or "data", train, val, raw["token_dtype"], raw["tokenizer"], base,
+                  weight, checksums)
+
+
+def resolve_sources(data: dict) -> list[Source]:
+    """data.path or data.mixture -> Sources, all with the same tokenizer."""
+    if data["mixture"]:
+        if data["path"] is not None:
+            raise ConfigError("data.mixture", "both data.path and data.mixture are set",
+                              "use data.mixture alone (each entry has its own path), or set data.mixture=[]")
+        sources = []
+        for i, entry in enumerate(data["mixture"]):
+            key = f"data.mixture[{i}]"
+            if not entry.get("weight", 1.0) > 0:
+                raise ConfigError(f"{key}.weight", f"must be positive, got {entry.get('weight')}",
+                                  "give every source a positive weight (they are normalised to sum to 1)")
+            sources.append(resolve_source(_abs(entry["path"]), manifest=entry.get("manifest"),
+                                          weight=float(entry.get("weight", 1.0)), name=entry.get("name"), key=key))
+        first = sources[0]
+        for i, s in enumerate(sources[1:], 1):
+            if s.tokenizer != first.tokenizer:
+                raise ConfigError(f"data.mixture[{i}].path",
+                                  f"source {s.name} was tokenized with {s.tokenizer}, source {first.name} with "
+                                  f"{first.tokenizer}", "prepare every mixture source with the same tokenizer")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            for i, s in enumerate(sources):
+                s.name = f"{s.name}{i}"
+        return sources
+    if data["path"] is None:
+        raise ConfigError("data.path", "no data configured", "set data.path to a kiln-data directory")
+    return [resolve_source(_abs(data["path"]), manifest=data.get("manifest"))]
+
+
+def _abs(path: str) -> str:
+    if path.startswith(REMOTE):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def fingerprint(sources: list[Source]) -> str:
+    """Changes when any shard's content, the shard list, the tokenizer or the weights change."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(json.dumps({"tokenizer": s.tokenizer, "dtype": s.dtype, "weight": s.weight,
+                             "shards": s.checksums}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def check_shards_open(sources: list[Source]) -> None:
+    """Before launch: every local shard exists; the first shard of each remote source opens."""
+    from webdataset import gopen
+
+    for s in sources:
+        for url in s.train:
+            if url.startswith(REMOTE):
+                continue
+            if not Path(url).is_file():
+                raise DataError(f"shard {url} (source {s.name}) does not exist")
+        remote = [u for u in s.train if u.startswith(REMOTE)]
+        if remote:
+            try:
+                with gopen.gopen(remote[0]) as f:
+                    head = f.read(512)
+            except Exception as e:
+                raise DataError(f"shard {remote[0]} (source {s.name}) cannot be opened: {e}") from e
+            if len(head) < 512:
+                raise DataError(f"shard {remote[0]} (source {s.name}) is not a tar file (read {len(head)} bytes)")
