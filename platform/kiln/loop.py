@@ -74,15 +74,20 @@ def grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def data_metrics(batches: ResumableLoader, plan: DataPlan) -> dict:
-    """Skipped shards/samples (data.on_error=skip) and, for mixtures, the realised share of
-    each source on this rank."""
+def data_metrics(batches: ResumableLoader, plan: DataPlan, device: torch.device) -> dict:
+    """Skipped shards/samples (data.on_error=skip) and, for mixtures, the realised share of each
+    source: summed over all ranks (a collective: every rank calls this at the same steps)."""
     stats = batches.stats()
-    out = {f"data/{k}": v for k, v in stats.items() if k.startswith("skipped") and v}
-    counts = stats["source_blocks"]
-    if len(counts) > 1 and sum(counts):
-        for s, n in zip(plan.sources, counts):
-            out[f"data/share_{s.name}"] = n / sum(counts)
+    counts = [stats.get("skipped_shards", 0), stats.get("skipped_samples", 0), *stats["source_blocks"]]
+    t = torch.tensor(counts, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    totals = [int(v) for v in t.tolist()]
+    out = {f"data/{k}": v for k, v in zip(("skipped_shards", "skipped_samples"), totals[:2]) if v}
+    blocks = totals[2:]
+    if len(blocks) > 1 and sum(blocks):
+        for s, n in zip(plan.sources, blocks):
+            out[f"data/share_{s.name}"] = n / sum(blocks)
     return out
 
 
@@ -128,7 +133,7 @@ def train(cfg: dict, ctx: Context) -> dict:
             "tokens": step * tokens_per_step,
             "tokens_per_s": interval_steps * tokens_per_step / elapsed,
         }
-        metrics.update(data_metrics(batches, plan))
+        metrics.update(data_metrics(batches, plan, ctx.device))
         throughput.append(metrics["tokens_per_s"])
         if do_eval:
             metrics["eval_loss"] = evaluate(engine, cfg, plan, ctx)

@@ -21,12 +21,12 @@ from kiln.data.tokenizer import ByteTokenizer
 from kiln.errors import ConfigError, DataError
 
 
-def spec_for(*dirs, weights=None, seq_len=32, batch=4, window=8, on_error="raise", seed=5):
+def spec_for(*dirs, weights=None, seq_len=32, batch=4, window=8, on_error="raise", seed=5, eos=256):
     sources = [resolve_source(str(d)) for d in dirs]
     for s, w in zip(sources, weights or [1.0] * len(sources)):
         s.weight = w
     return StreamSpec(sources=tuple(s.to_stream() for s in sources), seq_len=seq_len, batch_size=batch,
-                      eos_id=256, seed=seed, shuffle_window=window, on_error=on_error,
+                      eos_id=eos, seed=seed, shuffle_window=window, on_error=on_error,
                       fingerprint=fingerprint(sources))
 
 
@@ -114,17 +114,34 @@ def split_docs(tokens, eos=256):
     return docs
 
 
+@pytest.fixture(scope="module")
+def bpe_shards(tmp_path_factory):
+    """The same kind of corpus, prepared with a BPE tokenizer trained here on it."""
+    from kiln.data.build import train_bpe_on_inputs
+
+    inputs = [str(p) for p in stdlib_files(24)]
+    tok = train_bpe_on_inputs(inputs, vocab_size=1024)
+    out = tmp_path_factory.mktemp("bpe") / "d"
+    build_shards(inputs, out, tok, val_fraction=0.0, shard_tokens=12_000)
+    assert len(load_manifest(out).splits["train"]) >= 8
+    return out
+
+
 @pytest.mark.timeout(120)
-def test_every_token_accounted_for_across_2_ranks_x_2_workers(shards8):
+@pytest.mark.parametrize("dataset", ["shards8", "bpe_shards"])
+def test_every_token_accounted_for_across_2_ranks_x_2_workers(dataset, request):
     """2 ranks x 2 DataLoader workers: each reader's first pass is exactly the documents of its
     own shards, and together the readers return every document once: none repeated, none lost."""
+    from kiln.data.plan import load_source_tokenizer
     from kiln.data.stream import assign_shards, read_documents
 
+    shards8 = request.getfixturevalue(dataset)
     m = load_manifest(shards8)
+    eos = load_source_tokenizer(resolve_source(str(shards8)), "/nonexistent").eos_id
     urls, dtype = m.urls("train"), np.dtype(m.token_dtype)
-    all_docs = [tuple(d.tolist()) + (256,) for u in urls for d in read_documents(u, dtype)]
+    all_docs = [tuple(d.tolist()) + (eos,) for u in urls for d in read_documents(u, dtype)]
     assert len(set(all_docs)) == len(all_docs), "test data should have distinct documents"
-    spec = spec_for(shards8, seq_len=63, batch=16, window=1)
+    spec = spec_for(shards8, seq_len=63, batch=16, window=1, eos=eos)
     seen = []
     for rank in (0, 1):
         loader = ResumableLoader(spec, rank=rank, world=2, num_workers=2)
@@ -137,7 +154,7 @@ def test_every_token_accounted_for_across_2_ranks_x_2_workers(shards8):
             role = (loader.next_role - 1) % 2
             got[role].extend(torch.cat([x, y[:, -1:]], dim=1).reshape(-1).tolist())
         for role in got:
-            seen += split_docs(got[role][: want[role]])
+            seen += split_docs(got[role][: want[role]], eos)
     assert sorted(seen) == sorted(all_docs)
 
 

@@ -1,34 +1,99 @@
-"""Turn text files, directories and JSONL into tokenized WebDataset shards plus a manifest.
+"""Writing tokenized WebDataset shards plus a manifest from the documents `inputs` reads.
 
 Each sample in a shard is one document: `<key>.tokens.u16` (or .u32) holds its token ids as
 little-endian integers, 2 bytes a token for vocabularies up to 65,536. Tars are written with
 fixed metadata (mtime 0, uid 0) so the same input gives byte-identical shards.
+
+Parallelism without losing determinism: the main process reads documents in input order and
+sends them in batches to `workers` tokenizing processes; results come back in submission order
+and the main process alone writes shards. So shards, keys and the manifest depend only on the
+input and the settings, never on `workers` or on which process finished first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
+import multiprocessing as mp
 import os
+import re
+import sys
 import tarfile
-from dataclasses import dataclass
+import time
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from kiln.data.manifest import Manifest, ShardInfo
+from kiln.data.inputs import Document, InputPolicy, expand_inputs, iter_documents, total_bytes
+from kiln.data.manifest import MANIFEST, Manifest, ShardInfo
+from kiln.data.tokenizer import DEFAULT_EOS, HFTokenizer, train_bpe
 from kiln.errors import DataError
 
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+# A batch is what one tokenizing process gets at a time: big enough to amortize the transfer,
+# small enough that several are in flight per worker and memory stays bounded.
+BATCH_DOCS = 256
+BATCH_CHARS = 1 << 20
+IN_FLIGHT_PER_WORKER = 4
 
 
-@dataclass
-class Document:
-    id: str  # "path" or "path:line", stable across runs: decides the train/val split
-    text: str
+def default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
+
+# ---------------------------------------------------------------------------- shard sizes
+
+@dataclass(frozen=True)
+class ShardSize:
+    """A shard's target size: `amount` tokens or bytes (the size of the .tar file)."""
+
+    amount: int
+    unit: str  # "tokens" or "bytes"
+
+    def __str__(self) -> str:
+        return f"{self.amount}tok" if self.unit == "tokens" else f"{self.amount}B"
+
+
+SHARD_SIZE_HELP = (
+    "target shard size, in tokens or in bytes; the unit decides. Tokens: a number with an "
+    "optional k/M/G multiplier and optional 'tok' suffix (500000, 500k, 2M, 2Mtok). Bytes: a "
+    "number whose unit ends in B (512KB, 64MB, 1GB are powers of 1000; 64MiB, 1GiB powers of "
+    "1024). A shard closes once it holds at least the token target; it closes before its .tar "
+    "would grow past the byte target (unless one document alone is larger)."
+)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b|tok|tokens)?\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_shard_size(text: str | int) -> ShardSize:
+    if isinstance(text, int):
+        text = str(text)
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"shard size {text!r} is not a size; write tokens as 500000, 500k, 2M or "
+                         f"2Mtok, or bytes as 512KB, 64MB or 64MiB")
+    number, mult, unit = m.group(1), m.group(2).lower(), (m.group(3) or "").lower()
+    if unit.endswith("b"):
+        base = 1024 if unit == "ib" else 1000
+        if unit == "ib" and not mult:
+            raise ValueError(f"shard size {text!r}: 'iB' needs a multiplier (KiB, MiB, GiB)")
+        kind = "bytes"
+    else:
+        base, kind = 1000, "tokens"
+    amount = int(float(number) * base ** _POWERS[mult])
+    if amount < 1:
+        raise ValueError(f"shard size {text!r} must be at least 1 {kind[:-1]}")
+    return ShardSize(amount, kind)
+
+
+# ---------------------------------------------------------------------------- writing
 
 def token_field(vocab_size: int) -> tuple[str, np.dtype]:
     if vocab_size <= 2**16:
@@ -36,81 +101,44 @@ def token_field(vocab_size: int) -> tuple[str, np.dtype]:
     return "tokens.u32", np.dtype("<u4")
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[Path]:
-    """Files as given, directories walked recursively; sorted so the order never depends on the OS."""
-    files: list[Path] = []
-    for raw in inputs:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"input {raw} does not exist; pass text files, directories or .jsonl files")
-    return files
-
-
-def iter_documents(files: Iterable[Path], text_field: str = "text", on_error: str = "raise",
-                   skipped: list | None = None) -> Iterator[Document]:
-    """Yield documents; a file that is not UTF-8 or a bad JSONL line raises (naming file and line)
-    or, with on_error="skip", is recorded in `skipped` and passed over."""
-
-    def bad(msg: str):
-        if on_error == "skip":
-            if skipped is not None:
-                skipped.append(msg)
-            return
-        raise DataError(msg + " (use --on-error skip to skip such input)")
-
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            bad(f"{f}: not UTF-8 text (byte {e.start})")
-            continue
-        if f.suffix in JSONL_SUFFIXES:
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad(f"{f}:{lineno}: not JSON ({e.msg})")
-                    continue
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    bad(f"{f}:{lineno}: no string field {text_field!r}")
-                    continue
-                if obj[text_field]:
-                    yield Document(f"{f}:{lineno}", obj[text_field])
-        elif text:
-            yield Document(str(f), text)
-
-
 def is_validation(doc_id: str, val_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:4], "little")
     return h / 2**32 < val_fraction
 
 
-class _ShardWriter:
-    """Writes one split's shards, rolling to a new tar once `shard_tokens` is reached."""
+def _padded(n: int, block: int) -> int:
+    return -(-n // block) * block
 
-    def __init__(self, out: Path, split: str, field: str, dtype: np.dtype, shard_tokens: int):
-        self.out, self.split, self.field, self.dtype = out, split, field, dtype
-        self.shard_tokens = shard_tokens
+
+class _ShardWriter:
+    """Writes one split's shards, rolling to a new tar at the target size."""
+
+    def __init__(self, out: Path, split: str, field: str, dtype: np.dtype, size: ShardSize):
+        self.out, self.split, self.field, self.dtype, self.size = out, split, field, dtype, size
         self.shards: list[ShardInfo] = []
+        self.created: list[Path] = []  # removed again if the build fails
         self._tar: tarfile.TarFile | None = None
         self._docs = self._tokens = 0
 
+    def _size_with(self, payload_bytes: int) -> int:
+        """The .tar's size if closed after adding one more member of `payload_bytes`: a 512-byte
+        header, the payload padded to 512, two zero blocks, all padded to tarfile's record size."""
+        end = self._tar.offset + tarfile.BLOCKSIZE + _padded(payload_bytes, tarfile.BLOCKSIZE)
+        return _padded(end + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
+
     def add(self, key: str, tokens: np.ndarray) -> None:
+        payload = tokens.astype(self.dtype, copy=False).tobytes()
+        if (self.size.unit == "bytes" and self._tar is not None
+                and self._size_with(len(payload)) > self.size.amount):
+            self._close()
         if self._tar is None:
             self._open()
-        payload = tokens.astype(self.dtype, copy=False).tobytes()
         info = tarfile.TarInfo(f"{key}.{self.field}")
         info.size, info.mtime, info.mode = len(payload), 0, 0o644
         self._tar.addfile(info, io.BytesIO(payload))
         self._docs += 1
         self._tokens += len(tokens)
-        if self._tokens >= self.shard_tokens:
+        if self.size.unit == "tokens" and self._tokens >= self.size.amount:
             self._close()
 
     def _name(self) -> str:
@@ -118,12 +146,14 @@ class _ShardWriter:
 
     def _open(self) -> None:
         self._path = self.out / (self._name() + ".tmp")
+        self.created.append(self._path)
         self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
 
     def _close(self) -> None:
         self._tar.close()
         final = self.out / self._name()
         os.replace(self._path, final)
+        self.created.append(final)
         data = final.read_bytes()
         self.shards.append(ShardInfo(final.name, self._docs, self._tokens, len(data),
                                      hashlib.sha256(data).hexdigest()))
@@ -134,55 +164,252 @@ class _ShardWriter:
             self._close()
         return self.shards
 
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        for p in self.created:
+            p.unlink(missing_ok=True)
 
-def build_shards(
+
+# ---------------------------------------------------------------------------- tokenizing
+
+def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    # Each worker is one core: keep `tokenizers` from starting a thread per core in every worker.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def encode_documents(docs: Iterable[Document], tokenizer, workers: int = 1
+                     ) -> Iterator[tuple[Document, np.ndarray]]:
+    """(document, token ids) in input order, tokenized by `workers` processes."""
+    batches = _batches(docs)
+    if workers <= 1:
+        for batch in batches:
+            yield from zip(batch, tokenizer.encode_batch([d.text for d in batch]))
+        return
+    # spawn, not fork: forking a process that already runs threads (tokenizers' Rust pool after
+    # BPE training, torch, Ray) can deadlock; spawn is also what macOS uses.
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        # apply_async with a bounded queue rather than imap: imap would read the whole corpus
+        # ahead into memory. Taking results oldest-first keeps input order.
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(_encode_in_worker, ([d.text for d in batch],))))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                batch, result = pending.popleft()
+                yield from zip(batch, result.get())
+        while pending:
+            batch, result = pending.popleft()
+            yield from zip(batch, result.get())
+
+
+# ---------------------------------------------------------------------------- building
+
+@dataclass
+class BuildReport:
+    """What a build did: the manifest it wrote plus counts for the closing summary."""
+
+    manifest: Manifest
+    workers: int
+    seconds: float
+    input_files: int
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def documents(self) -> int:
+        return sum(self.manifest.documents(s) for s in self.manifest.splits)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.manifest.tokens(s) for s in self.manifest.splits)
+
+    @property
+    def shards(self) -> int:
+        return sum(len(v) for v in self.manifest.splits.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for v in self.manifest.splits.values() for s in v)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def _progress_bar(total: int, desc: str, progress: bool | None):
+    from tqdm import tqdm
+
+    # progress=None: a bar only when stderr is a terminal, so logs and CI output stay clean.
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, disable=None if progress is None else not progress,
+                dynamic_ncols=True)
+
+
+def _resolve_size(shard_size, shard_tokens) -> ShardSize:
+    if shard_size is not None and shard_tokens is not None:
+        raise ValueError("give shard_size or shard_tokens, not both")
+    if shard_tokens is not None:
+        return ShardSize(int(shard_tokens), "tokens")
+    if shard_size is None:
+        return ShardSize(1_000_000, "tokens")
+    return shard_size if isinstance(shard_size, ShardSize) else parse_shard_size(shard_size)
+
+
+def _input_files(inputs: list[str]) -> list[Path]:
+    files = expand_inputs(inputs)
+    if not files:
+        raise DataError(f"no input files in {' '.join(inputs)} (the directories are empty or hold "
+                        f"only hidden files); pass text, .jsonl or .parquet files")
+    return files
+
+
+def _no_documents(inputs: list[str], files: list[Path], skipped: list[str]) -> DataError:
+    why = f"{len(skipped)} skipped as bad input, first: {skipped[0]}" if skipped else "all empty"
+    return DataError(f"inputs {' '.join(inputs)} ({len(files)} file(s)) hold no documents ({why}); "
+                     f"pass files with text in them")
+
+
+def build_dataset(
     inputs: list[str],
     out: str | os.PathLike,
     tokenizer,
+    *,
     val_fraction: float = 0.01,
-    shard_tokens: int = 1_000_000,
+    shard_size: ShardSize | str | None = None,
+    shard_tokens: int | None = None,
     max_tokens: int | None = None,
     text_field: str = "text",
+    text_column: str = "text",
     on_error: str = "raise",
     sources: list[str] | None = None,
-) -> Manifest:
+    workers: int = 1,
+    progress: bool | None = False,
+) -> BuildReport:
+    """Tokenize `inputs` into shards under `out` and write its manifest last. `shard_size` is a
+    ShardSize or its text ("2M", "64MB"); `shard_tokens` is the older spelling of a token target.
+    On failure everything this call wrote is removed again."""
+    start = time.perf_counter()
+    size = _resolve_size(shard_size, shard_tokens)
     out = Path(out).expanduser().resolve()
+    if (out / MANIFEST).exists():
+        raise DataError(f"{out} already holds a dataset ({MANIFEST}); choose another --out or delete it")
+    files = _input_files(inputs)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists():
-        raise DataError(f"{out} already holds a dataset (manifest.json); choose another --out or delete it")
-    files = expand_inputs(inputs)
-    if not files:
-        raise DataError(f"no input files found in {inputs}")
-    field, dtype = token_field(tokenizer.vocab_size)
-    writers = {s: _ShardWriter(out, s, field, dtype, shard_tokens) for s in ("train", "val")}
-    skipped: list[str] = []
-    total = 0
-    val_docs = train_docs = 0
-    pending: tuple[str, np.ndarray] | None = None  # latest train document, written one step late
-    for i, doc in enumerate(iter_documents(files, text_field, on_error, skipped)):
-        tokens = tokenizer.encode(doc.text)
-        if len(tokens) == 0:
-            continue
-        if val_fraction > 0 and is_validation(doc.id, val_fraction):
-            writers["val"].add(f"{i:09d}", tokens)
-            val_docs += 1
-        else:
-            if pending is not None:
-                writers["train"].add(*pending)
-                train_docs += 1
-            pending = (f"{i:09d}", tokens)
-        total += len(tokens)
-        if max_tokens and total >= max_tokens:
-            break
-    if pending is not None:
-        # A small corpus may hash no document into val: give it the last one, so that eval
-        # loss always exists, unless that would leave training with nothing.
-        to_val = val_fraction > 0 and val_docs == 0 and train_docs > 0
-        writers["val" if to_val else "train"].add(*pending)
-    splits = {s: w.finish() for s, w in writers.items()}
-    if not splits["train"]:
-        raise DataError(f"inputs {inputs} produced no training documents (all empty or skipped)")
-    manifest = Manifest(out, tokenizer.to_manifest(), dtype.name, splits, sources or [str(p) for p in inputs])
-    manifest.write()
-    manifest.skipped = skipped  # type: ignore[attr-defined]
-    return manifest
+
+    field_name, dtype = token_field(tokenizer.vocab_size)
+    writers = {s: _ShardWriter(out, s, field_name, dtype, size) for s in ("train", "val")}
+    policy = InputPolicy(on_error)
+    bar = _progress_bar(total_bytes(files), "tokenizing", progress)
+    saved_tokenizer: Path | None = None
+    try:
+        docs = iter_documents(files, policy, text_field=text_field, text_column=text_column,
+                              progress=bar.update)
+        total = val_docs = train_docs = 0
+        pending: tuple[str, np.ndarray] | None = None  # latest train document, written one step late
+        with closing(encode_documents(docs, tokenizer, workers)) as encoded:
+            for i, (doc, tokens) in enumerate(encoded):
+                if len(tokens) == 0:
+                    continue
+                if val_fraction > 0 and is_validation(doc.id, val_fraction):
+                    writers["val"].add(f"{i:09d}", tokens)
+                    val_docs += 1
+                else:
+                    if pending is not None:
+                        writers["train"].add(*pending)
+                        train_docs += 1
+                    pending = (f"{i:09d}", tokens)
+                total += len(tokens)
+                if i % 64 == 0:
+                    bar.set_postfix_str(f"{i + 1:,} docs, {total:,} tokens", refresh=False)
+                if max_tokens and total >= max_tokens:
+                    break
+        bar.set_postfix_str(f"{train_docs + val_docs + (pending is not None):,} docs, {total:,} tokens")
+        if pending is not None:
+            # A small corpus may hash no document into val: give it the last one, so that eval
+            # loss always exists, unless that would leave training with nothing.
+            to_val = val_fraction > 0 and val_docs == 0 and train_docs > 0
+            writers["val" if to_val else "train"].add(*pending)
+        splits = {s: w.finish() for s, w in writers.items()}
+        if not splits["train"]:
+            raise _no_documents(inputs, files, policy.skipped)
+        blob = tokenizer.file_bytes()
+        if blob is not None:  # saved beside the shards: the data is unusable without it
+            saved_tokenizer = out / tokenizer.to_manifest()["file"]
+            tmp = saved_tokenizer.with_name(saved_tokenizer.name + ".tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, saved_tokenizer)
+        build = {"shard_size": str(size), "val_fraction": val_fraction, "max_tokens": max_tokens,
+                 "text_field": text_field, "text_column": text_column, "on_error": on_error,
+                 "input_files": len(files), "skipped_inputs": len(policy.skipped)}
+        manifest = Manifest(out, tokenizer.to_manifest(), dtype.name, splits,
+                            sources or [str(p) for p in inputs], build)
+        manifest.write()
+    except BaseException:  # KeyboardInterrupt too: never leave half a dataset behind
+        for w in writers.values():
+            w.abort()
+        if saved_tokenizer is not None:
+            saved_tokenizer.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return BuildReport(manifest, workers, time.perf_counter() - start, len(files), policy.skipped)
+
+
+def build_shards(inputs: list[str], out: str | os.PathLike, tokenizer, **kwargs) -> Manifest:
+    """build_dataset, returning only the manifest (with the skipped-input messages attached as
+    `.skipped`, as callers of this older entry point expect)."""
+    report = build_dataset(inputs, out, tokenizer, **kwargs)
+    report.manifest.skipped = report.skipped  # type: ignore[attr-defined]
+    return report.manifest
+
+
+def train_bpe_on_inputs(
+    inputs: list[str],
+    vocab_size: int,
+    *,
+    eos_token: str = DEFAULT_EOS,
+    text_field: str = "text",
+    text_column: str = "text",
+    on_error: str = "raise",
+    progress: bool | None = False,
+) -> HFTokenizer:
+    """Train byte-level BPE on every document of `inputs`, read in the same order and with the
+    same bad-input policy as the build that follows, so it sees exactly the documents that build
+    will tokenize (reports of skipped input come from the build)."""
+    files = _input_files(inputs)
+    policy = InputPolicy(on_error)
+    seen = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal seen
+        for doc in iter_documents(files, policy, text_field=text_field, text_column=text_column,
+                                  progress=bar.update):
+            seen += 1
+            yield doc.text
+
+    with _progress_bar(total_bytes(files), "training BPE", progress) as bar:
+        tok = train_bpe(texts(), vocab_size, eos_token=eos_token)
+    if not seen:
+        raise _no_documents(inputs, files, policy.skipped)
+    return tok

@@ -1,10 +1,12 @@
-"""manifest.json: what `kiln-data` wrote (tokenizer, token dtype, shards with their counts).
+"""manifest.json: what `kiln-data` wrote (tokenizer, token dtype, shards with their counts and
+sha256, how it was built) and the dataset's fingerprint.
 
 It is written last and atomically, so a directory with a manifest is a complete dataset.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,6 +34,21 @@ class Manifest:
     token_dtype: str
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    build: dict = field(default_factory=dict)  # settings and counts, for people; never read back
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 naming this exact data: the tokenizer entry (which holds the sha256 of a saved
+        tokenizer.json) and every shard's sha256, split by split, in order. Paths, sources and
+        build settings are left out, so the same data built anywhere has the same fingerprint;
+        any change to a shard or to the tokenizer changes it."""
+        identity = {
+            "tokenizer": self.tokenizer,
+            "token_dtype": self.token_dtype,
+            "shards": {split: [s.sha256 for s in shards] for split, shards in sorted(self.splits.items())},
+        }
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def urls(self, split: str) -> list[str]:
         return [str(self.root / s.file) for s in self.splits.get(split, [])]
@@ -47,12 +64,14 @@ class Manifest:
             "format": FORMAT,
             "tokenizer": self.tokenizer,
             "token_dtype": self.token_dtype,
+            "fingerprint": self.fingerprint,
             "totals": {
                 split: {"shards": len(shards), "documents": self.documents(split), "tokens": self.tokens(split)}
                 for split, shards in self.splits.items()
             },
             "splits": {split: [vars(s) for s in shards] for split, shards in self.splits.items()},
             "sources": self.sources,
+            "build": self.build,
         }
 
     def write(self) -> Path:
@@ -89,10 +108,17 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             f"data.path={root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, "
             f"first {missing[0]}; restore them or rebuild the dataset with kiln-data"
         )
-    return Manifest(
+    manifest = Manifest(
         root=root,
         tokenizer=raw["tokenizer"],
         token_dtype=raw["token_dtype"],
         splits=splits,
         sources=raw.get("sources", []),
+        build=raw.get("build", {}),
     )
+    # Manifests written before fingerprints existed have none; their fingerprint is computed.
+    stored = raw.get("fingerprint")
+    if stored is not None and stored != manifest.fingerprint:
+        raise DataError(f"{mpath}: its fingerprint does not match its tokenizer and shard checksums, "
+                        f"so it was edited by hand; restore it or rebuild: {how}")
+    return manifest

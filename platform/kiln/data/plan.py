@@ -19,10 +19,14 @@ class DataPlan:
     val_dtype: str
 
 
-def load_source_tokenizer(source: Source):
+def load_source_tokenizer(source: Source, cache_dir: str):
+    from kiln.data.sources import REMOTE, fetch_beside_manifest
     from kiln.data.tokenizer import tokenizer_from_manifest
 
-    return tokenizer_from_manifest(source.tokenizer)
+    root = source.root
+    if root.startswith(REMOTE) and source.tokenizer.get("type") != "byte":
+        root = fetch_beside_manifest(source, source.tokenizer.get("file", "tokenizer.json"), cache_dir)
+    return tokenizer_from_manifest(source.tokenizer, root)
 
 
 def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
@@ -30,7 +34,7 @@ def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
     sources = resolve_sources(data)
     if check_open:
         check_shards_open(sources)
-    tokenizer = load_source_tokenizer(sources[0])
+    tokenizer = load_source_tokenizer(sources[0], data["cache_dir"])
     spec = StreamSpec(
         sources=tuple(s.to_stream() for s in sources), seq_len=data["seq_len"],
         batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id, seed=tr["seed"],

@@ -33,10 +33,11 @@ def _seeded(*parts) -> random.Random:
 
 
 def read_documents(url: str, dtype: np.dtype, on_error: str = "raise",
-                   stats: dict | None = None) -> Iterator[np.ndarray]:
+                   stats: dict | None = None, expected: int | None = None) -> Iterator[np.ndarray]:
     """Token arrays of the documents in one shard, in order. Errors name the shard; with
     on_error="skip" a bad sample is skipped, a bad shard is cut short, both counted in `stats`
-    and warned about once per shard."""
+    and warned about once per shard. `expected` (the manifest's document count) catches a tar
+    truncated exactly at a block boundary, which the tar format itself cannot tell from its end."""
     from webdataset.tariterators import tarfile_samples
 
     warned = False
@@ -52,13 +53,19 @@ def read_documents(url: str, dtype: np.dtype, on_error: str = "raise",
             warned = True
 
     samples = tarfile_samples([{"url": url}])
+    seen = 0
     while True:
         try:
             sample = next(samples)
+            seen += 1
         except StopIteration:
+            if expected is not None and seen < expected:
+                problem(f"truncated: it holds {seen} of the {expected} documents its manifest lists",
+                        "skipped_shards")
             return
         except Exception as e:  # truncated/corrupt tar, unreadable URL (webdataset appends context)
-            problem(f"cannot be read ({type(e).__name__}: {e.args[0] if e.args else e})", "skipped_shards")
+            detail = str(e.args[0] if e.args else e).split(" @ ")[0]  # drop webdataset's stream repr
+            problem(f"cannot be read ({type(e).__name__}: {detail})", "skipped_shards")
             return
         payload = next((v for k, v in sample.items() if k.startswith("tokens.")), None)
         if payload is None or len(payload) % dtype.itemsize:
@@ -71,10 +78,11 @@ class ShardCursor:
     """Endless documents from this reader's shards of one source; a new shard order each pass."""
 
     def __init__(self, shards: list[str], dtype: np.dtype, seed: int, reader: int, source: int,
-                 on_error: str = "raise", state: dict | None = None):
+                 on_error: str = "raise", state: dict | None = None, expected: dict | None = None):
         if not shards:
             raise DataError(f"reader {reader} has no shards in source {source}")
         self.shards, self.dtype, self.on_error = shards, dtype, on_error
+        self.expected = expected or {}  # url -> documents the manifest lists
         self.seed, self.reader, self.source = seed, reader, source
         state = state or {}
         self.epoch = state.get("epoch", 0)
@@ -97,7 +105,8 @@ class ShardCursor:
         return self.order(self.epoch)[self.index]
 
     def _open(self) -> None:
-        self._docs = read_documents(self.current_url(), self.dtype, self.on_error, self.stats)
+        url = self.current_url()
+        self._docs = read_documents(url, self.dtype, self.on_error, self.stats, self.expected.get(url))
         for _ in range(self.offset):  # resume mid-shard: skip what was already taken
             if next(self._docs, None) is None:
                 break
@@ -181,7 +190,7 @@ class MixedStream:
         self.packers = []
         for s, (src, st) in enumerate(zip(sources, saved)):
             cursor = ShardCursor(src["shards"], np.dtype(src["dtype"]), seed, reader, s, on_error,
-                                 st.get("cursor"))
+                                 st.get("cursor"), src.get("documents"))
             self.packers.append(BlockPacker(cursor, block, eos_id, st))
         total = sum(src["weight"] for src in sources)
         acc, self.cumulative = 0.0, []

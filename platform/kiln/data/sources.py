@@ -39,9 +39,12 @@ class Source:
     root: str  # directory or base URL of the manifest (a saved tokenizer lives there)
     weight: float = 1.0
     checksums: list[str] = field(default_factory=list)
+    documents: list[int] = field(default_factory=list)  # per train shard, from the manifest
+    manifest_location: str = ""  # for remote sources: where manifest.json was read from
 
     def to_stream(self) -> dict:
-        return {"name": self.name, "shards": tuple(self.train), "dtype": self.dtype, "weight": self.weight}
+        return {"name": self.name, "shards": tuple(self.train), "dtype": self.dtype, "weight": self.weight,
+                "documents": dict(zip(self.train, self.documents))}
 
 
 def _read_text(location: str) -> str:
@@ -67,13 +70,14 @@ def _manifest_location(path: str, manifest: str | None, key: str) -> str:
 
 def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.0, name: str | None = None,
                    key: str = "data.path") -> Source:
-    if not path.startswith(REMOTE) and Path(path).expanduser().is_dir() and manifest is None:
+    is_pattern = "{" in path or path.endswith(".tar")
+    if not path.startswith(REMOTE) and not is_pattern and manifest is None:  # a kiln-data directory
         from kiln.data.manifest import load_manifest
 
         m = load_manifest(path)
-        by_file = {s.file: s.sha256 for s in m.splits["train"]}
+        shards = m.splits["train"]
         return Source(name or Path(path).name, m.urls("train"), m.urls("val"), m.token_dtype, m.tokenizer,
-                      str(m.root), weight, [by_file[Path(u).name] for u in m.urls("train")])
+                      str(m.root), weight, [s.sha256 for s in shards], [s.documents for s in shards])
 
     location = _manifest_location(path, manifest, key)
     try:
@@ -83,17 +87,35 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
                         f"shards written by kiln-data have manifest.json beside them") from e
     base = location.rsplit("/", 1)[0]
     splits = raw.get("splits", {})
-    listed = {s["file"]: s["sha256"] for s in splits.get("train", [])}
+    listed = {s["file"]: s for s in splits.get("train", [])}
     train = list(braceexpand(path))
-    checksums = []
+    checksums, documents = [], []
     for url in train:
         m = TAR_NAME.findall(url)
         if not m or m[-1] not in listed:
             raise DataError(f"{key}: shard {url!r} is not a training shard listed in {location}")
-        checksums.append(listed[m[-1]])
+        checksums.append(listed[m[-1]]["sha256"])
+        documents.append(listed[m[-1]]["documents"])
     val = [] if path.startswith("pipe:") else [f"{base}/{s['file']}" for s in splits.get("val", [])]
     return Source(name or Path(base).name or "data", train, val, raw["token_dtype"], raw["tokenizer"], base,
-                  weight, checksums)
+                  weight, checksums, documents, location)
+
+
+def fetch_beside_manifest(source: Source, file: str, cache_dir: str) -> Path:
+    """Copy a file that lies beside a remote source's manifest (its tokenizer.json) to the local
+    cache, so that every rank loads the tokenizer the shards were written with."""
+    loc = source.manifest_location
+    remote = loc.replace("manifest.json", file) if loc.startswith("pipe:") else loc.rsplit("/", 1)[0] + "/" + file
+    local = Path(cache_dir).expanduser() / "remote" / hashlib.sha256(remote.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        text = _read_text(remote)
+    except OSError as e:
+        raise DataError(f"cannot fetch {file} for source {source.name} from {remote!r}: {e}") from e
+    tmp = local / f"{file}.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, local / file)
+    return local
 
 
 def resolve_sources(data: dict) -> list[Source]:

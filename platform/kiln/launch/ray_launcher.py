@@ -95,17 +95,32 @@ def run_ray(cfg: dict) -> dict:
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; surface the worker's own message
-        raise TrainingError(f"training failed on the Ray workers:\n{worker_message(e)}") from e
+        ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
+        raise TrainingError(f"training failed on the Ray workers:\n{worker_message(e)}\n"
+                            f"  (full worker tracebacks are above, and in Ray's logs under /tmp/ray/session_latest/logs)"
+                            ) from e
     return read_summary(output_dir)
 
 
 def worker_message(exc: BaseException) -> str:
-    """The innermost error a worker raised, without Ray's wrapping."""
-    seen = exc
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen) or repr(seen)
-    return text.strip()
+    """One line per failed rank with the error it raised, without Ray's wrapping."""
+    failures = getattr(exc, "worker_failures", None)
+    if not failures:
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        return _last_error_line(str(cause) or repr(cause))
+    return "\n".join(f"  rank {rank}: {_last_error_line(str(e) or repr(e))}" for rank, e in sorted(failures.items()))
+
+
+def _last_error_line(text: str) -> str:
+    """The final `SomeError: message` line of a traceback text (kiln's errors unprefixed)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt", "Exit")) and " " not in head:
+            return line.replace("kiln.errors.", "")
+    return lines[-1] if lines else text
 
 
 def read_summary(output_dir: Path) -> dict:

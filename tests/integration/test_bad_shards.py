@@ -1,0 +1,63 @@
+"""A truncated shard at run time, under both data.on_error policies, through the real kiln-train
+with 2 Ray workers: `raise` ends the run promptly naming the shard (no hang); `skip` finishes
+and counts what it skipped."""
+
+import json
+
+import pytest
+
+from conftest import assert_ok, kiln_train, stdlib_files
+from kiln.tracking.jsonl import read_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    from kiln.data.build import build_shards
+    from kiln.data.manifest import load_manifest
+    from kiln.data.tokenizer import ByteTokenizer
+
+    root = tmp_path_factory.mktemp("bad")
+    # ~120k tokens of 400-byte documents in 5k-token shards: every rank reads all of its
+    # shards within the run's 100 steps (~100k tokens a rank), so the damaged one is reached.
+    text = "".join(p.read_text() for p in stdlib_files(8))[:120_000]
+    docs = [text[i:i + 400] for i in range(0, len(text), 400)]
+    (root / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    out = root / "d"
+    build_shards([str(root / "docs.jsonl")], out, ByteTokenizer(), val_fraction=0.05, shard_tokens=5_000)
+    m = load_manifest(out)
+    assert len(m.splits["train"]) >= 8
+    victim = out / m.splits["train"][5].file
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # as an interrupted copy would leave it
+    return out, victim
+
+
+ARGS = ["trainer.max_steps=100", "trainer.log_interval=25", "trainer.eval_interval=100", "logger=none",
+        "data.shuffle_buffer=8", "data.num_workers=0"]
+
+
+@pytest.mark.timeout(400)
+def test_truncated_shard_raise_fails_fast_naming_it(tmp_path, damaged):
+    data, victim = damaged
+    proc = kiln_train([f"data.path={data}", *ARGS], tmp_path / "raise", timeout=380)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()
+    summary = "\n".join(last[-4:])
+    assert "training failed on the Ray workers" in proc.stderr
+    assert f"DataError: shard {victim}" in summary and "data.on_error=skip" in summary
+
+
+@pytest.mark.timeout(400)
+def test_truncated_shard_skip_finishes_and_counts(tmp_path, damaged):
+    data, victim = damaged
+    run = tmp_path / "skip"
+    proc = kiln_train([f"data.path={data}", "data.on_error=skip", *ARGS], run, timeout=380)
+    assert_ok(proc)
+    records = read_jsonl(run / "metrics.jsonl")
+    assert records[-1]["step"] == 100
+    assert any(r.get("data/skipped_shards", 0) >= 1 for r in records), records
+    assert f"skipping bad data in shard {victim}" in proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_loss"] < records[0]["loss"]
