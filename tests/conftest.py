@@ -73,3 +73,32 @@ def compose_config(overrides: list[str]) -> dict:
 @pytest.fixture
 def compose():
     return compose_config
+
+
+def kiln_train_popen(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start the real `kiln-train` without waiting (to signal or kill it mid-run)."""
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    return subprocess.Popen(["kiln-train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.2):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before: {what}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]

@@ -5,10 +5,13 @@ The loop never imports Ray: the local launcher and the Ray launcher each build o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from kiln.checkpoint.store import CheckpointStore
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,9 @@ class Context:
     node_rank: int
     device: torch.device
     output_dir: Path  # the run's directory (absolute; on shared storage for multi-node runs)
+    checkpoints: CheckpointStore | None = None
+    # True once this process was asked to stop (SIGTERM / preemption); ranks agree in the loop.
+    stop_requested: Callable[[], bool] = field(default=lambda: False)
 
     @property
     def is_main(self) -> bool:

@@ -91,65 +91,128 @@ def data_metrics(batches: ResumableLoader, plan: DataPlan, device: torch.device)
     return out
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any: how ranks agree on a step to stop at."""
+    t = torch.tensor([1 if flag else 0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def model_shape(model: GPT) -> dict:
+    c = model.config
+    return {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
+            "vocab_size": c.vocab_size, "bias": c.bias}
+
+
 def train(cfg: dict, ctx: Context) -> dict:
-    """Run `trainer.max_steps` optimizer steps; returns the run summary (rank 0's is complete)."""
+    """Run `trainer.max_steps` optimizer steps, continuing from the latest checkpoint if there is
+    one; returns the run summary (rank 0's is complete)."""
+    from kiln.checkpoint.state import check_model_shape, load_checkpoint, read_meta, set_rng_state, write_checkpoint
+    from kiln.checkpoint.weights import load_init_weights
+    from kiln.tracking.console import print_line
+
     tr, data = cfg["trainer"], cfg["data"]
     seed_everything(tr["seed"])  # same seed on every rank: identical initial weights
 
     plan = plan_data(cfg)
     model = GPT(GPTConfig.from_model_section(cfg["model"], plan.tokenizer.vocab_size))
+    shape = model_shape(model)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
+    if cfg["model"].get("init_from"):
+        load_init_weights(model, cfg["model"]["init_from"], shape)
     engine, _ = build_engine(model, cfg, ctx.world_size, cfg["optim"]["weight_decay"])
 
-    batches = ResumableLoader(plan.spec, rank=ctx.rank, world=ctx.world_size, num_workers=data["num_workers"])
-    tracker = Tracker(cfg, ctx.output_dir) if ctx.is_main else NullTracker()
+    meta, loop_state = {}, {}
+    with ctx.checkpoints.latest() as ckpt:
+        if ckpt is not None:
+            check_model_shape(read_meta(ckpt), shape, ckpt)
+            meta, loop_state = load_checkpoint(ckpt, engine=engine, rank=ctx.rank, world_size=ctx.world_size)
+            if ctx.is_main:
+                print_line(f"resumed from {ckpt} at step {meta['step']}")
+    start_step = meta.get("step", 0)
+    data_state = loop_state.get("data") if data["resume_stream"] else None
+    batches = ResumableLoader(plan.spec, rank=ctx.rank, world=ctx.world_size, num_workers=data["num_workers"],
+                              state=data_state)
+    if loop_state:
+        set_rng_state(loop_state["rng"])  # last: creating the loader above draws from the RNG
+    tracker = (Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id")) if ctx.is_main else NullTracker())
     if ctx.is_main:
-        from kiln.tracking.console import print_line
-
         print_line(f"model: {n_params:,} parameters; {ctx.world_size} rank(s) on {ctx.device}; "
                    f"ZeRO-{cfg['parallelism']['zero_stage']} {cfg['precision']['dtype']}")
 
     max_steps, grad_accum = tr["max_steps"], tr["grad_accum_steps"]
     tokens_per_step = tr["micro_batch_size"] * grad_accum * data["seq_len"] * ctx.world_size
-    interval_loss = torch.zeros((), device=ctx.device)
-    interval_steps, interval_start = 0, time.perf_counter()
-    last: dict = {}
-    throughput: list[float] = []
+    interval_loss = loop_state.get("interval_loss", torch.zeros(())).to(ctx.device)
+    interval_steps = loop_state.get("interval_steps", 0)
+    interval_start = time.perf_counter()
+    last: dict = dict(loop_state.get("last", {}))
+    throughput: list[float] = list(loop_state.get("throughput", []))
+    stopped_at = None
 
-    for step in range(1, max_steps + 1):
-        interval_loss += train_step(engine, batches, ctx.device, grad_accum)
-        interval_steps += 1
-        do_log = step % tr["log_interval"] == 0 or step == max_steps
-        do_eval = step % tr["eval_interval"] == 0 or step == max_steps
-        if not (do_log or do_eval):
-            continue
-        loss = mean_across_ranks(interval_loss / interval_steps)  # also syncs the device
-        elapsed = time.perf_counter() - interval_start
-        metrics = {
-            "step": step,
-            "loss": loss,
-            "lr": float(engine.get_lr()[0]),
-            "grad_norm": grad_norm(engine),
-            "tokens": step * tokens_per_step,
-            "tokens_per_s": interval_steps * tokens_per_step / elapsed,
-        }
-        metrics.update(data_metrics(batches, plan, ctx.device))
-        throughput.append(metrics["tokens_per_s"])
-        if do_eval:
-            metrics["eval_loss"] = evaluate(engine, cfg, plan, ctx)
-            last["eval_loss"] = metrics["eval_loss"]
-        tracker.log(metrics)
-        last.update(loss=loss, step=step)
-        interval_loss.zero_()
-        interval_steps, interval_start = 0, time.perf_counter()  # eval time is not train time
+    def save(step: int, metrics: dict) -> None:
+        run_meta = {"step": step, "tokens": step * tokens_per_step, "world_size": ctx.world_size,
+                    "model_shape": shape, "wandb_id": getattr(tracker, "wandb_id", None),
+                    "data_fingerprint": plan.spec.fingerprint, "config": cfg}
+        state = {"step": step, "data": batches.state_dict(), "interval_loss": interval_loss.detach().cpu().clone(),
+                 "interval_steps": interval_steps, "last": last, "throughput": throughput}
+        ctx.checkpoints.save(step, lambda d: write_checkpoint(d, engine=engine, rank=ctx.rank, step=step,
+                                                              loop_state=state, meta=run_meta), metrics)
+
+    if start_step >= max_steps and ctx.is_main:
+        print_line(f"run {tr['run_name']} already reached step {start_step} of trainer.max_steps={max_steps}; "
+                   f"raise trainer.max_steps to train on, or set trainer.run_name for a new run")
+
+    try:
+        for step in range(start_step + 1, max_steps + 1):
+            interval_loss += train_step(engine, batches, ctx.device, grad_accum)
+            interval_steps += 1
+            stop = any_rank(ctx.stop_requested(), ctx.device)
+            do_log = step % tr["log_interval"] == 0 or step == max_steps or stop
+            do_eval = step % tr["eval_interval"] == 0 or step == max_steps
+            do_save = (tr["checkpoint_interval"] > 0 and step % tr["checkpoint_interval"] == 0) or step == max_steps or stop
+            metrics = {"step": step}
+            if do_log or do_eval:
+                loss = mean_across_ranks(interval_loss / interval_steps)  # also syncs the device
+                elapsed = time.perf_counter() - interval_start
+                metrics.update({
+                    "loss": loss,
+                    "lr": float(engine.get_lr()[0]),
+                    "grad_norm": grad_norm(engine),
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": interval_steps * tokens_per_step / elapsed,
+                })
+                metrics.update(data_metrics(batches, plan, ctx.device))
+                throughput.append(metrics["tokens_per_s"])
+                if do_eval:
+                    metrics["eval_loss"] = evaluate(engine, cfg, plan, ctx)
+                    last["eval_loss"] = metrics["eval_loss"]
+                tracker.log(metrics)
+                last.update(loss=loss, step=step)
+                interval_loss.zero_()
+                interval_steps = 0
+                interval_start = time.perf_counter()  # eval time is not train time
+            if do_save:
+                began = time.perf_counter()
+                save(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                interval_start += time.perf_counter() - began  # nor is save time
+            if stop:
+                stopped_at = step
+                if ctx.is_main:
+                    print_line(f"stop requested: saved a checkpoint at step {step}; run the same command to resume")
+                break
+    finally:
+        batches.close()  # stop reader processes before interpreter exit
 
     # The first interval includes warm-up (allocations, JIT); leave it out when there are others.
     steady = throughput[1:] or throughput
     summary = {
-        "steps": last.get("step", 0),
+        "steps": last.get("step", start_step),
+        "resumed_from_step": start_step or None,
+        "stopped_early_at": stopped_at,
         "final_loss": last.get("loss"),
         "final_eval_loss": last.get("eval_loss"),
-        "tokens": max_steps * tokens_per_step,
+        "tokens": last.get("step", start_step) * tokens_per_step,
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
         "parameters": n_params,
         "world_size": ctx.world_size,

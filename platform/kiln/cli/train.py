@@ -36,7 +36,7 @@ def prepare(cfg: DictConfig) -> dict:
     return plain
 
 
-def resolve_data(cfg: dict) -> None:
+def resolve_data(cfg: dict):
     """Make data paths absolute, build the default corpus if no data is configured, and check
     the data against the config: manifests readable, shards present, enough for every reader."""
     from kiln.config.validate import validate_data
@@ -54,6 +54,23 @@ def resolve_data(cfg: dict) -> None:
         entry["path"] = _abs(entry["path"])
     plan = plan_data(cfg, check_open=True)
     validate_data(cfg, plan.sources, plan.tokenizer)
+    return plan
+
+
+def check_resume(cfg: dict, plan) -> Path | None:
+    """trainer.resume against storage, and the checkpoint's model shape against the config, on
+    the driver: a mismatch fails here, before any worker starts."""
+    from kiln.checkpoint.policy import latest_for_check, resolve_resume
+    from kiln.checkpoint.state import check_model_shape, read_meta
+
+    explicit = resolve_resume(cfg)
+    ckpt = latest_for_check(cfg, explicit)
+    if ckpt is not None:
+        m = cfg["model"]
+        shape = {k: m[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+        shape["vocab_size"] = m["vocab_size"] or plan.tokenizer.vocab_size
+        check_model_shape(read_meta(ckpt), shape, ckpt)
+    return explicit
 
 
 def print_summary(s: dict) -> None:
@@ -80,7 +97,8 @@ def print_summary(s: dict) -> None:
 
 def run(cfg: DictConfig) -> dict:
     plain = prepare(cfg)
-    resolve_data(plain)
+    plan = resolve_data(plain)
+    resume_from = check_resume(plain, plan)
     # Store the resolved config with the run (Hydra's .hydra/config.yaml keeps the unresolved one).
     out = Path(plain["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -91,11 +109,11 @@ def run(cfg: DictConfig) -> dict:
         from kiln.launch.local import run_local
 
         validate_devices(plain, 1 if cuda_available() else 0)
-        summary = run_local(plain)
+        summary = run_local(plain, resume_from)
     else:
         from kiln.launch.ray_launcher import run_ray
 
-        summary = run_ray(plain)
+        summary = run_ray(plain, resume_from)
     print_summary(summary)
     return summary
 

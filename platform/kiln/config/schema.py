@@ -25,6 +25,9 @@ class ModelConfig:
     vocab_size: Optional[int] = None
     dropout: float = 0.0
     bias: bool = True
+    # Start from these weights (a kiln checkpoint or kiln-export directory) with a fresh
+    # optimizer and schedule: continued pretraining or fine-tuning.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -106,7 +109,14 @@ class TrainerConfig:
     # Micro-batches per rank that make up one evaluation.
     eval_batches: int = 8
     seed: int = 1337
+    # The run's identity: checkpoints live in <launcher.storage_path>/<run_name>/.
     run_name: str = "kiln"
+    # Save every N steps (0: only at the end and when stopped); keep the newest K.
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    # auto: continue this run_name's latest checkpoint if any; true: must; false: start fresh
+    # (refuses if checkpoints exist); or a checkpoint directory to continue from.
+    resume: str = "auto"
 
 
 @dataclass
@@ -120,7 +130,8 @@ class LauncherConfig:
     # auto | true | false: GPU workers where the cluster has GPUs.
     use_gpu: str = "auto"
     cpus_per_worker: int = 1
-    # Where Ray Train keeps run state; null: <run output dir>/ray.
+    # Where checkpoints (and Ray Train's run state) go: a local or shared directory, or a
+    # cloud URI Ray supports (launcher=ray). null: ./checkpoints in the directory kiln-train runs from.
     storage_path: Optional[str] = None
     max_failures: int = 0
     # Name of the network interface gloo/NCCL should use between nodes (e.g. eth0, ib0).

@@ -13,6 +13,7 @@ batches prefetched but never used are simply produced again after a restart.
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -62,7 +63,12 @@ class StreamSpec:
 
 
 class TrainStream(IterableDataset):
-    """Endless (x, y, meta) micro-batches for one rank; DataLoader workers split it further."""
+    """Endless (blocks, meta) micro-batches for one rank; DataLoader workers split it further.
+
+    blocks is a (B, seq_len + 1) numpy array in the shards' compact integer type: a worker
+    sends it to the training process as a few KB of pickled bytes, where torch tensors would
+    each cost a shared-memory segment and a file-descriptor handshake. ResumableLoader turns
+    it into int64 (x, y)."""
 
     def __init__(self, spec: StreamSpec, *, rank: int, world: int, num_workers: int,
                  rotation: int = 0, reader_states: dict | None = None):
@@ -91,10 +97,10 @@ class TrainStream(IterableDataset):
         shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
                                 state=self.reader_states.get(role))
         while True:
-            arr = torch.from_numpy(np.stack([shuffle.next_block() for _ in range(spec.batch_size)]))
+            blocks = np.stack([shuffle.next_block() for _ in range(spec.batch_size)])
             meta = {"role": role, "state": shuffle.state(), "stats": shuffle.stream.stats(),
                     "source_counts": list(shuffle.stream.source_counts)}
-            yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous(), meta  # (B, T) inputs, targets
+            yield blocks, meta
 
 
 class ResumableLoader:
@@ -117,19 +123,32 @@ class ResumableLoader:
         else:
             # batch_size=None: the stream yields whole micro-batches. Workers are read in turn
             # (in order), which is what makes "the next reader" well defined.
+            # collate_fn passes the numpy batch through as it is (see TrainStream).
             self._it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       prefetch_factor=prefetch_factor))
+                                       prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals,
+                                       collate_fn=_as_is))
+            # Readers ignore SIGTERM (see _ignore_stop_signals), so they must be shut down by us,
+            # before multiprocessing's exit hook would try to terminate them with that signal.
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the DataLoader's reader processes (idempotent)."""
+        it = getattr(self, "_it", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y, meta = next(self._it)
+        blocks, meta = next(self._it)
         role = int(meta["role"])
         self.readers[role] = meta["state"]
         self._stats[role] = meta["stats"]
         self._counts[role] = list(meta["source_counts"])
         self.next_role = (role + 1) % self.roles
+        x = torch.from_numpy(np.ascontiguousarray(blocks[:, :-1], dtype=np.int64))  # (B, T) inputs
+        y = torch.from_numpy(np.ascontiguousarray(blocks[:, 1:], dtype=np.int64))  # (B, T) targets
         return x, y
 
     def state_dict(self) -> dict:
@@ -146,6 +165,34 @@ class ResumableLoader:
         counts = [sum(c[i] for c in self._counts.values()) for i in range(len(self.spec.sources))]
         out["source_blocks"] = counts
         return out
+
+
+def _as_is(batch):
+    return batch
+
+
+READER_SIGTERM_GRACE_S = 90.0
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Preemption (SIGTERM to the whole process group, as Slurm sends it) is the training
+    process's to handle: it checkpoints, then shuts its readers down itself. A reader dying on the
+    signal first would crash the run instead. So a reader outlives SIGTERM, but only for a grace
+    period: should the training process never shut it down (a stuck queue at exit, say), it
+    leaves on its own rather than hanging the exit forever."""
+    import os
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        if not getattr(on_term, "armed", False):
+            on_term.armed = True
+            t = threading.Timer(READER_SIGTERM_GRACE_S, lambda: os._exit(0))
+            t.daemon = True
+            t.start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int) -> None:

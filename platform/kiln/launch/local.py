@@ -6,20 +6,41 @@ For single-GPU and CPU debugging: breakpoints and profilers work as in any scrip
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 from kiln.launch.env import cuda_available, free_port, set_worker_env
 
 
-def run_local(cfg: dict) -> dict:
+def install_stop_handler() -> threading.Event:
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop; a second one: default action."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop.set()
+        print(f"[kiln] {signal.Signals(signum).name}: stopping at the next step with a checkpoint "
+              f"(send it again to stop at once)", flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
+def run_local(cfg: dict, resume_from: Path | None) -> dict:
     set_worker_env(cfg["launcher"]["socket_ifname"])
     import torch
     import torch.distributed as dist
 
+    from kiln.checkpoint.policy import run_dir
+    from kiln.checkpoint.store import LocalStore
     from kiln.context import Context
     from kiln.loop import train
 
-    use_gpu = cuda_available() and cfg["launcher"]["use_gpu"] != "false"
+    use_gpu = cuda_available() and str(cfg["launcher"]["use_gpu"]).lower() != "false"
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
@@ -33,8 +54,11 @@ def run_local(cfg: dict) -> dict:
     with captured_stdout():
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
+    stop = install_stop_handler()
+    store = LocalStore(run_dir(cfg), cfg["trainer"]["keep_checkpoints"], barrier=lambda: None, rank=0,
+                       resume_from=resume_from)
     ctx = Context(rank=0, world_size=1, local_rank=0, node_rank=0, device=device,
-                  output_dir=Path(cfg["output_dir"]))
+                  output_dir=Path(cfg["output_dir"]), checkpoints=store, stop_requested=stop.is_set)
     try:
         return train(cfg, ctx)
     finally:

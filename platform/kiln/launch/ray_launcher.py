@@ -6,14 +6,95 @@ calling the worker function; DeepSpeed then finds and uses it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
 from pathlib import Path
 
 from kiln.errors import TrainingError
 
 # Ray Train's V2 implementation (TrainController actor); must be set before ray.train is imported.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def ray_remote_class(**options):
+    """@ray.remote, applied lazily so that importing this module does not import Ray."""
+
+    def wrap(cls):
+        cls._ray_options = options
+        return cls
+
+    return wrap
+
+
+class RayStore:
+    """Checkpoints through Ray Train's API: each worker writes its part to a local temporary
+    directory and reports it; Ray merges the parts in storage and registers the checkpoint only
+    once every worker has reported. Retention is Ray's CheckpointConfig(num_to_keep)."""
+
+    def __init__(self, resume_from: str | None):
+        self.resume_from = Path(resume_from) if resume_from else None
+
+    @contextlib.contextmanager
+    def latest(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()  # this run's latest (after a restart or a re-run), if any
+        if ckpt is None:
+            yield self.resume_from
+            return
+        with ckpt.as_directory() as local:
+            yield Path(local)
+
+    def save(self, step: int, write, metrics: dict) -> None:
+        import ray.train
+
+        from kiln.checkpoint.store import fault_injection_pause, step_dir_name
+
+        with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
+            write(Path(tmp))
+            fault_injection_pause(Path(tmp), step)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=step_dir_name(step))
+
+
+@ray_remote_class(num_cpus=0)
+class StopSignal:
+    """Set by the driver on SIGTERM; polled by the workers."""
+
+    def __init__(self):
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+
+    def is_set(self) -> bool:
+        return self.flag
+
+
+def watch_stop_signal(name: str) -> threading.Event:
+    """A worker-side thread that mirrors the driver's StopSignal into a local event."""
+    import ray
+
+    event = threading.Event()
+    actor = ray.get_actor(name)
+
+    def poll():
+        while not event.is_set():
+            try:
+                if ray.get(actor.is_set.remote(), timeout=10):
+                    event.set()
+            except Exception:  # driver gone or actor restarting: keep training, keep polling
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=poll, daemon=True, name="kiln-stop-watch").start()
+    return event
 
 
 def _worker_fn(config: dict) -> None:
@@ -28,7 +109,10 @@ def _worker_fn(config: dict) -> None:
     from kiln.context import Context
     from kiln.loop import train
 
+    # Ray Train logs every report and checkpoint at INFO on every rank; kiln prints its own lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     tc = ray.train.get_context()
+    stop = watch_stop_signal(config["stop_actor"])
     ctx = Context(
         rank=tc.get_world_rank(),
         world_size=tc.get_world_size(),
@@ -36,6 +120,8 @@ def _worker_fn(config: dict) -> None:
         node_rank=tc.get_node_rank(),
         device=ray.train.torch.get_device(),
         output_dir=Path(cfg["output_dir"]),
+        checkpoints=RayStore(config["resume_from"]),
+        stop_requested=stop.is_set,
     )
     train(cfg, ctx)
 
@@ -58,27 +144,34 @@ def connect(launcher: dict, num_cpus_needed: int) -> str:
     return "local Ray instance"
 
 
-def run_ray(cfg: dict) -> dict:
+def run_ray(cfg: dict, resume_from: Path | None) -> dict:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kiln.checkpoint.policy import storage_root
     from kiln.config.validate import validate_devices
     from kiln.tracking.console import print_line
 
-    lc = cfg["launcher"]
+    lc, tr = cfg["launcher"], cfg["trainer"]
     where = connect(lc, lc["num_workers"] * lc["cpus_per_worker"])
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = validate_devices(cfg, gpus)
     print_line(f"{where}: {lc['num_workers']} {'GPU' if use_gpu else 'CPU'} worker(s)")
 
     output_dir = Path(cfg["output_dir"])
-    storage = lc["storage_path"] or str(output_dir / "ray")
+    stop_name = f"kiln-stop-{uuid.uuid4().hex[:12]}"
+    stop_actor = ray.remote(**StopSignal._ray_options)(StopSignal).options(name=stop_name).remote()
     # No print patching: Ray Train V2 would echo every worker print a second time via its logger.
     worker_env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    for var in ("KILN_FAULT_SAVE_PAUSE", "WANDB_MODE", "KILN_CACHE_DIR"):
+        if os.environ.get(var):
+            worker_env[var] = os.environ[var]
     trainer = TorchTrainer(
         _worker_fn,
-        train_loop_config={"cfg": cfg},  # a plain dict: never OmegaConf objects across Ray
+        # plain dicts and strings: never OmegaConf objects across Ray
+        train_loop_config={"cfg": cfg, "stop_actor": stop_name,
+                           "resume_from": str(resume_from) if resume_from else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=lc["num_workers"],
@@ -86,20 +179,56 @@ def run_ray(cfg: dict) -> dict:
             resources_per_worker={"CPU": lc["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=output_dir.name,
-            storage_path=storage,
+            name=tr["run_name"],
+            storage_path=storage_root(cfg),
             failure_config=FailureConfig(max_failures=lc["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=tr["keep_checkpoints"] or None),
             worker_runtime_env={"env_vars": worker_env},
         ),
     )
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps the worker's exception; surface the worker's own message
+    error = fit_until_done(trainer, stop_actor)
+    if error is not None:  # Ray wraps the worker's exception; surface the worker's own message
         ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
-        raise TrainingError(f"training failed on the Ray workers:\n{worker_message(e)}\n"
+        raise TrainingError(f"training failed on the Ray workers:\n{worker_message(error)}\n"
                             f"  (full worker tracebacks are above, and in Ray's logs under /tmp/ray/session_latest/logs)"
-                            ) from e
+                            ) from error
     return read_summary(output_dir)
+
+
+def fit_until_done(trainer, stop_actor) -> BaseException | None:
+    """trainer.fit() in a thread, so that the main thread stays free for signals: the first
+    SIGTERM/SIGINT asks every worker to checkpoint and stop at one agreed step."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            trainer.fit()
+        except BaseException as e:  # reported to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="kiln-fit", daemon=True)
+    requested = threading.Event()
+
+    def handler(signum, frame):
+        from kiln.tracking.console import print_line
+
+        if requested.is_set():  # second signal: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        requested.set()
+        print_line(f"{signal.Signals(signum).name}: asking all workers to checkpoint and stop "
+                   f"(send it again to stop at once)")
+        stop_actor.set.remote()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return outcome.get("error")
 
 
 def worker_message(exc: BaseException) -> str:

@@ -15,11 +15,14 @@ SUMMARY = "summary.json"
 class Tracker:
     """Only rank 0 builds a real Tracker; the other ranks get NullTracker."""
 
-    def __init__(self, cfg: dict, output_dir: Path):
+    def __init__(self, cfg: dict, output_dir: Path, resume_id: str | None = None):
         self.cfg, self.output_dir = cfg, output_dir
         self.max_steps = cfg["trainer"]["max_steps"]
         self.jsonl = JsonlWriter(output_dir / "metrics.jsonl")
-        self.wandb = WandbRun(cfg, output_dir) if resolve_mode(cfg["logger"]) != "disabled" else None
+        enabled = resolve_mode(cfg["logger"]) != "disabled"
+        self.wandb = WandbRun(cfg, output_dir, resume_id) if enabled else None
+        # Saved in checkpoints, so that a resumed run continues the same W&B run.
+        self.wandb_id = self.wandb.run.id if self.wandb else None
 
     def log(self, metrics: dict) -> None:
         self.jsonl.log(metrics)

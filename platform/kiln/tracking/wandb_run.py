@@ -27,7 +27,7 @@ def resolve_mode(logger_cfg: dict) -> str:
 
 
 class WandbRun:
-    def __init__(self, cfg: dict, output_dir: Path):
+    def __init__(self, cfg: dict, output_dir: Path, resume_id: str | None = None):
         import wandb
 
         self.mode = resolve_mode(cfg["logger"])
@@ -38,7 +38,10 @@ class WandbRun:
             entity=lg["entity"],
             group=lg["group"],
             tags=list(lg["tags"]) or None,
-            name=f"{cfg['trainer']['run_name']}-{output_dir.name}",
+            name=cfg["trainer"]["run_name"],
+            # A resumed kiln run continues its W&B run: same id, the step axis carrying on.
+            id=resume_id,
+            resume="allow" if resume_id else None,
             dir=str(output_dir),
             mode=self.mode,
             config=cfg,

@@ -1,0 +1,84 @@
+"""What a checkpoint holds besides DeepSpeed's shards, and restoring all of it exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.errors import ConfigError
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(local_dir: Path, *, engine, rank: int, step: int, loop_state: dict, meta: dict) -> None:
+    """This rank's part of a checkpoint: DeepSpeed shards (collective), loop state, and (rank 0)
+    the run's metadata."""
+    (local_dir / "kiln").mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(local_dir / "ds"), tag=f"step{step}", save_latest=False)
+    torch.save({**loop_state, "rng": rng_state()}, local_dir / "kiln" / f"rank_{rank}.pt")
+    if rank == 0:
+        (local_dir / "kiln" / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "kiln" / "meta.json").read_text())
+
+
+def check_model_shape(meta: dict, model_shape: dict, where: Path) -> None:
+    """A checkpoint of another model shape cannot be loaded: name every differing key."""
+    saved = meta.get("model_shape", {})
+    diff = [k for k in SHAPE_KEYS if saved.get(k) != model_shape.get(k)]
+    if diff:
+        detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)} vs config {model_shape.get(k)}" for k in diff)
+        raise ConfigError(f"model.{diff[0]}", f"the checkpoint {where} has another model shape ({detail})",
+                          "use the checkpoint's model settings, or start a new run (trainer.run_name=...) "
+                          "or use model.init_from for weights of the same shape")
+
+
+def load_checkpoint(ckpt: Path, *, engine, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Restore DeepSpeed's engine (weights, optimizer, LR schedule) and this rank's loop state.
+    Returns (meta, loop_state); the caller restores loop_state["rng"] last, once nothing
+    else that draws random numbers (model init, DataLoader start-up) is left to run."""
+    meta = read_meta(ckpt)
+    if meta["world_size"] != world_size:
+        raise ConfigError("launcher.num_workers",
+                          f"checkpoint {ckpt} was written by {meta['world_size']} rank(s), this run has {world_size}",
+                          f"resume with launcher.num_workers={meta['world_size']}")
+    path, _ = engine.load_checkpoint(str(Path(ckpt) / "ds"), tag=f"step{meta['step']}",
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ckpt}/ds (tag step{meta['step']})")
+    _realign_optimizer_state(engine)
+    state = torch.load(Path(ckpt) / "kiln" / f"rank_{rank}.pt", weights_only=False)
+    return meta, state
+
+
+def _realign_optimizer_state(engine) -> None:
+    """Give every loaded optimizer-state tensor a fresh allocation, as in an uninterrupted run:
+    vectorised CPU kernels split work by memory alignment, and tensors that torch.load placed
+    at other offsets round differently in the last bit."""
+    opt = getattr(engine, "optimizer", None)
+    inner = getattr(opt, "optimizer", opt)
+    for st in getattr(inner, "state", {}).values():
+        for k, v in list(st.items()):
+            if torch.is_tensor(v) and v.dim() > 0:
+                st[k] = v.clone()
