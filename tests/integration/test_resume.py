@@ -152,9 +152,10 @@ def test_ray_zero3_worker_killed_mid_run_restarts_and_finishes(tmp_path):
 
     run = tmp_path / "a"
     proc = kiln_train_popen(args + [f"launcher.storage_path={tmp_path / 'ck'}", "launcher.max_failures=1"], run)
-    ck10 = tmp_path / "ck" / "kiln" / "step_000000010"
-    wait_for(lambda: (ck10 / "kiln" / "meta.json").is_file() and max(logged_steps(run), default=0) >= 13,
-             400, "checkpoint 10 and step 13", proc)
+    snapshot = tmp_path / "ck" / "kiln" / "checkpoint_manager_snapshot.json"
+    # A checkpoint counts once Ray Train has registered it (every worker reported it).
+    wait_for(lambda: snapshot.is_file() and "step_000000010" in snapshot.read_text()
+             and max(logged_steps(run), default=0) >= 13, 400, "checkpoint 10 registered, step 13", proc)
     victims = worker_pids()
     assert len(victims) == 2, victims
     psutil.Process(victims[-1]).kill()  # SIGKILL one real worker process from outside
