@@ -239,7 +239,14 @@ def worker_message(exc: BaseException) -> str:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         return _last_error_line(str(cause) or repr(cause))
-    return "\n".join(f"  rank {rank}: {_last_error_line(str(e) or repr(e))}" for rank, e in sorted(failures.items()))
+    return "\n".join(f"  rank {rank}: {_describe(e)}" for rank, e in sorted(failures.items()))
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip() or repr(e)
+    if "\n" not in text:  # the worker's own exception, unwrapped: name its type
+        return f"{type(e).__name__}: {text}"
+    return _last_error_line(text)
 
 
 def _last_error_line(text: str) -> str:
