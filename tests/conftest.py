@@ -43,10 +43,18 @@ def small_dataset(tmp_path_factory) -> Path:
     return out
 
 
+def with_storage(args: list[str], run_dir: Path) -> list[str]:
+    """Checkpoints of a test run go beside its run directory, never into the repository (where
+    runs of the same trainer.run_name would resume each other)."""
+    if any(a.startswith("launcher.storage_path=") for a in args):
+        return list(args)
+    return [*args, f"launcher.storage_path={run_dir.parent / (run_dir.name + '-checkpoints')}"]
+
+
 def kiln_train(args: list[str], run_dir: Path, timeout: float = 600, env: dict | None = None
                ) -> subprocess.CompletedProcess:
     """Run the real `kiln-train` console script; output goes to run_dir."""
-    cmd = ["kiln-train", *args, f"hydra.run.dir={run_dir}"]
+    cmd = ["kiln-train", *with_storage(args, run_dir), f"hydra.run.dir={run_dir}"]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -78,7 +86,7 @@ def compose():
 def kiln_train_popen(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.Popen:
     """Start the real `kiln-train` without waiting (to signal or kill it mid-run)."""
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-    return subprocess.Popen(["kiln-train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+    return subprocess.Popen(["kiln-train", *with_storage(args, run_dir), f"hydra.run.dir={run_dir}"], cwd=REPO,
                             env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
