@@ -1,0 +1,63 @@
+"""kiln-export: a kiln checkpoint -> a Hugging Face GPT-2 directory.
+
+    kiln-export checkpoints/kiln/step_000001000 exports/kiln-1000
+    kiln-export checkpoints/kiln exports/latest          # a run directory: its newest checkpoint
+
+Writes model.safetensors (fp32 weights gathered from the ZeRO shards, GPT-2 layout), config.json
+(transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) loads both), the tokenizer the training
+data was written with (tokenizer.json + tokenizer_config.json, and kiln_tokenizer.json), and
+kiln_export.json (model shape, step, source). A model GPT-2 cannot express (model.bias=false)
+is refused with exit code 2. Start a new kiln run from the export with model.init_from=OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+
+from kiln.errors import KilnError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kiln-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a step_* checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (must not exist, or be empty)")
+    p.add_argument("--tokenizer", default=None, metavar="{byte,PATH}",
+                   help="the tokenizer to write, when the checkpoint's dataset directory is gone "
+                        "(default: the one named by the data's manifest.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # DeepSpeed's shard-loading progress bar (before torch imports tqdm)
+    from kiln.launch.env import set_worker_env
+
+    set_worker_env()  # before deepspeed is imported: CPU accelerator without a warning
+    from kiln.checkpoint.export import export_checkpoint, tokenizer_from_option
+
+    try:
+        tokenizer = tokenizer_from_option(args.tokenizer) if args.tokenizer else None
+        # DeepSpeed's shard consolidation prints its own progress: keep kiln's output to its summary.
+        with contextlib.redirect_stdout(io.StringIO()):
+            info = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)
+    except KilnError as e:
+        print(f"kiln-export: {e}", file=sys.stderr)
+        return 2
+    s = info["model_shape"]
+    print(f"[kiln] exported {info['checkpoint']} (step {info['step']}, {info['parameters']:,} parameters, "
+          f"{s['n_layer']} layers x {s['n_embd']}, vocab {s['vocab_size']}, {info['tokenizer']['type']} tokenizer)")
+    print(f"[kiln] -> {info['out_dir']}: {', '.join(info['files'])}")
+    print(f"[kiln] load: transformers.GPT2LMHeadModel.from_pretrained({info['out_dir']!r}); "
+          f"sample: kiln-generate {info['out_dir']} --prompt '...'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
