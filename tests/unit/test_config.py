@@ -202,3 +202,14 @@ def test_cli_cfg_job_prints_composed_config():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "n_embd: 768" in out.stdout and "zero_stage: 2" in out.stdout
+
+
+def test_negative_checkpoint_settings(compose):
+    expect_config_error(compose(["trainer.checkpoint_interval=-1"]), "trainer.checkpoint_interval")
+    expect_config_error(compose(["trainer.keep_checkpoints=-2"]), "trainer.keep_checkpoints")
+
+
+@pytest.mark.timeout(120)
+def test_cli_init_from_nonsense_fails_before_workers(tmp_path):
+    err = cli_error(tmp_path, "launcher=local", f"model.init_from={tmp_path}")
+    assert "model.init_from" in err and "neither a kiln checkpoint" in err

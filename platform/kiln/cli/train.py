@@ -65,12 +65,32 @@ def check_resume(cfg: dict, plan) -> Path | None:
 
     explicit = resolve_resume(cfg)
     ckpt = latest_for_check(cfg, explicit)
+    m = cfg["model"]
+    shape = {k: m[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    shape["vocab_size"] = m["vocab_size"] or plan.tokenizer.vocab_size
     if ckpt is not None:
-        m = cfg["model"]
-        shape = {k: m[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
-        shape["vocab_size"] = m["vocab_size"] or plan.tokenizer.vocab_size
         check_model_shape(read_meta(ckpt), shape, ckpt)
+    if m.get("init_from"):
+        check_init_from(m["init_from"], shape)
     return explicit
+
+
+def check_init_from(source: str, shape: dict) -> None:
+    """model.init_from names a kiln checkpoint or export of this model's shape (checked here,
+    on the driver, so a wrong path fails before any worker starts)."""
+    from kiln.checkpoint.export import check_export_shape, export_info
+    from kiln.checkpoint.state import check_model_shape, read_meta
+    from kiln.errors import ConfigError
+
+    path = Path(source).expanduser().resolve()
+    if (path / "kiln" / "meta.json").is_file():
+        check_model_shape(read_meta(path), shape, path)
+    elif path.is_dir() and (path / "model.safetensors").is_file():
+        check_export_shape(export_info(path)["shape"], shape, path)
+    else:
+        raise ConfigError("model.init_from", f"{path} is neither a kiln checkpoint (step_*/kiln/meta.json) "
+                          f"nor a kiln-export directory (model.safetensors)",
+                          "point it at a step_* checkpoint directory or at kiln-export's output")
 
 
 def print_summary(s: dict) -> None:

@@ -82,6 +82,11 @@ def validate_config(cfg: dict) -> None:
     if lc["max_failures"] < -1:
         raise ConfigError("launcher.max_failures", f"{lc['max_failures']} is invalid",
                           "use 0 (no retries), N retries, or -1 (retry forever)")
+    tr = cfg["trainer"]
+    for key in ("checkpoint_interval", "keep_checkpoints"):
+        if tr[key] < 0:
+            raise ConfigError(f"trainer.{key}", f"must be >= 0, got {tr[key]}",
+                              "checkpoint_interval 0 = only at the end/when stopped; keep_checkpoints 0 = keep all")
     opt = cfg["optim"]
     if opt["lr"] <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {opt['lr']}", "set optim.lr, e.g. 6e-4")
