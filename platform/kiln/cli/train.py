@@ -135,6 +135,11 @@ def run(cfg: DictConfig) -> dict:
 
         summary = run_ray(plain, resume_from)
     print_summary(summary)
+    from kiln.checkpoint.policy import run_dir, storage_root
+    from kiln.tracking.console import print_line
+
+    where = f"{storage_root(plain)}/{plain['trainer']['run_name']}" if "://" in storage_root(plain) else run_dir(plain)
+    print_line(f"checkpoints: {where} (run the same command to continue; kiln-export to share)")
     return summary
 
 

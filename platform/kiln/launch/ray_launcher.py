@@ -111,6 +111,12 @@ def _worker_fn(config: dict) -> None:
 
     # Ray Train logs every report and checkpoint at INFO on every rank; kiln prints its own lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this one is named after its file path, outside the "ray.train" hierarchy
+        from ray.train.v2._internal.execution import context as _train_context
+
+        _train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
     tc = ray.train.get_context()
     stop = watch_stop_signal(config["stop_actor"])
     ctx = Context(
