@@ -13,9 +13,6 @@ is refused with exit code 2. Start a new kiln run from the export with model.ini
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import os
 import sys
 
 from kiln.errors import KilnError
@@ -36,16 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # DeepSpeed's shard-loading progress bar (before torch imports tqdm)
-    from kiln.launch.env import set_worker_env
+    from kiln.launch.env import prepare_checkpoint_tool
 
-    set_worker_env()  # before deepspeed is imported: CPU accelerator without a warning
+    prepare_checkpoint_tool()
+    from kiln.engine.build import captured_stdout  # DeepSpeed's consolidation prints; shown only on failure
     from kiln.checkpoint.export import export_checkpoint, tokenizer_from_option
 
     try:
         tokenizer = tokenizer_from_option(args.tokenizer) if args.tokenizer else None
         # DeepSpeed's shard consolidation prints its own progress: keep kiln's output to its summary.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with captured_stdout():
             info = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)
     except KilnError as e:
         print(f"kiln-export: {e}", file=sys.stderr)

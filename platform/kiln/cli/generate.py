@@ -13,9 +13,6 @@ Prints the prompt and its continuation (up to the end-of-document token, unless 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import os
 import sys
 
 from kiln.errors import KilnError
@@ -62,17 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # DeepSpeed's shard-loading progress bar (before torch imports tqdm)
-    from kiln.launch.env import set_worker_env
+    from kiln.launch.env import prepare_checkpoint_tool
 
-    set_worker_env()  # before deepspeed is imported: CPU accelerator without a warning
+    prepare_checkpoint_tool()
+    from kiln.engine.build import captured_stdout  # DeepSpeed's consolidation prints; shown only on failure
 
     from kiln.checkpoint.export import tokenizer_from_option
     from kiln.generate import generate_text, load_model
 
     try:
         tokenizer = tokenizer_from_option(args.tokenizer) if args.tokenizer else None
-        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation chatter
+        with captured_stdout():  # DeepSpeed's consolidation chatter
             model, tokenizer, _ = load_model(args.source, tokenizer)
     except KilnError as e:
         print(f"kiln-generate: {e}", file=sys.stderr)

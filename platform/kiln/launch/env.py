@@ -27,6 +27,14 @@ def set_worker_env(socket_ifname: str | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def prepare_checkpoint_tool() -> None:
+    """For one-process tools that read DeepSpeed checkpoints (kiln-export, kiln-generate):
+    no shard-loading progress bar (set before torch imports tqdm), and the CPU accelerator
+    chosen without a warning (before deepspeed is imported)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    set_worker_env()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
