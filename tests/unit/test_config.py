@@ -95,6 +95,11 @@ def test_num_workers_below_one(compose):
     expect_config_error(compose(["launcher.num_workers=0"]), "launcher.num_workers")
 
 
+def test_unknown_placement_strategy(compose):
+    err = expect_config_error(compose(["launcher.placement_strategy=spread_out"]), "launcher.placement_strategy")
+    assert "STRICT_SPREAD" in str(err)
+
+
 def test_local_launcher_is_one_process(compose):
     expect_config_error(compose(["launcher=local", "launcher.num_workers=2"]), "launcher.num_workers")
 

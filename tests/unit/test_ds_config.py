@@ -26,3 +26,13 @@ def test_stage2_has_no_param_offload_and_fp16_scaling(compose):
 def test_warmup_never_exceeds_run_length(compose):
     ds = deepspeed_config(compose(["trainer.max_steps=30"]), world_size=1)
     assert ds["scheduler"]["params"]["warmup_num_steps"] < 30
+
+
+def test_cpu_runs_use_torch_adamw_for_bitwise_resume(compose):
+    """DeepSpeed's CPU Adam kernel keeps beta**step as a running product and recomputes it with
+    pow() after a resume (last-bit drift); torch's AdamW derives it from the saved step."""
+    cfg = compose(["parallelism=zero2"])
+    assert deepspeed_config(cfg, world_size=2, on_gpu=False)["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in deepspeed_config(cfg, world_size=2, on_gpu=True)["optimizer"]["params"]
+    offload = compose(["parallelism=zero2_offload"])  # offload keeps DeepSpeed's fast CPU Adam
+    assert "torch_adam" not in deepspeed_config(offload, world_size=2, on_gpu=False)["optimizer"]["params"]

@@ -136,6 +136,9 @@ class LauncherConfig:
     max_failures: int = 0
     # Name of the network interface gloo/NCCL should use between nodes (e.g. eth0, ib0).
     socket_ifname: Optional[str] = None
+    # How Ray places the workers: PACK (fill a node first), SPREAD (one per node where it can),
+    # STRICT_SPREAD (one per node, or wait), STRICT_PACK (all on one node).
+    placement_strategy: str = "PACK"
 
 
 @dataclass

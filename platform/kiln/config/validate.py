@@ -14,6 +14,7 @@ CHOICES = {
     "parallelism.offload_param": ("none", "cpu"),
     "launcher.name": ("local", "ray"),
     "launcher.use_gpu": ("auto", "true", "false"),
+    "launcher.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "data.on_error": ("raise", "skip"),

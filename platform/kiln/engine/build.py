@@ -42,11 +42,17 @@ def captured_stdout():
         raise
 
 
+def model_on_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
 def build_engine(model: torch.nn.Module, cfg: dict, world_size: int, weight_decay: float):
     import deepspeed
 
     quiet_deepspeed()
-    ds_cfg = deepspeed_config(cfg, world_size)
+    ds_cfg = deepspeed_config(cfg, world_size, on_gpu=model_on_gpu())
     with captured_stdout():
         engine, _, _, _ = deepspeed.initialize(
             model=model,

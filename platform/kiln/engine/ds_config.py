@@ -7,7 +7,7 @@ is the one place that knows DeepSpeed's key names.
 from __future__ import annotations
 
 
-def deepspeed_config(cfg: dict, world_size: int) -> dict:
+def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
     par, prec, opt, tr = cfg["parallelism"], cfg["precision"], cfg["optim"], cfg["trainer"]
     stage = par["zero_stage"]
     zero: dict = {
@@ -63,6 +63,13 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if not on_gpu and par["offload_optimizer"] == "none":
+        # DeepSpeed's CPU Adam kernel keeps beta**step as a running product inside C++ and, after a
+        # resume, recomputes it with pow(): the bias correction then differs in the last bit and a
+        # resumed fp32 run drifts from the uninterrupted one. torch's AdamW derives it from the
+        # step stored in the checkpoint, so CPU runs resume bitwise. (DeepSpeed's GPU FusedAdam
+        # already computes it from the step; offload keeps DeepSpeed's CPU Adam for its speed.)
+        ds["optimizer"]["params"]["torch_adam"] = True
     if dtype == "bf16":
         # Keep gradient accumulation and reduction in fp32 for stable small-batch training.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -183,6 +183,7 @@ def run_ray(cfg: dict, resume_from: Path | None) -> dict:
             num_workers=lc["num_workers"],
             use_gpu=use_gpu,
             resources_per_worker={"CPU": lc["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=lc["placement_strategy"],
         ),
         run_config=RunConfig(
             name=tr["run_name"],
