@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -105,6 +106,22 @@ def model_shape(model: GPT) -> dict:
             "vocab_size": c.vocab_size, "bias": c.bias}
 
 
+def check_finite(loss: float, grad: float | None, step: int, engine, dtype: str) -> None:
+    """A diverged run stops with an error (its last checkpoint kept) instead of training on NaNs.
+    Without fp16's loss scaling a non-finite gradient norm means DeepSpeed skipped the step: the
+    run has diverged too. Both values are global (the same on every rank): all ranks stop together."""
+    bad_grad = dtype != "fp16" and grad is not None and not math.isfinite(grad)
+    if math.isfinite(loss) and not bad_grad:
+        return
+    from kiln.errors import TrainingError
+
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad} (loss {loss:.4g})"
+    raise TrainingError(
+        f"training diverged: {what} at step {step} (lr {float(engine.get_lr()[0]):.2e}); no checkpoint "
+        f"was written after it. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, then "
+        f"start a new run (trainer.run_name) or resume from an earlier checkpoint")
+
+
 def train(cfg: dict, ctx: Context) -> dict:
     """Run `trainer.max_steps` optimizer steps, continuing from the latest checkpoint if there is
     one; returns the run summary (rank 0's is complete)."""
@@ -182,6 +199,7 @@ def train(cfg: dict, ctx: Context) -> dict:
                     "tokens": step * tokens_per_step,
                     "tokens_per_s": interval_steps * tokens_per_step / elapsed,
                 })
+                check_finite(loss, metrics["grad_norm"], step, engine, cfg["precision"]["dtype"])
                 metrics.update(data_metrics(batches, plan, ctx.device))
                 throughput.append(metrics["tokens_per_s"])
                 if do_eval:

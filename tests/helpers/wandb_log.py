@@ -72,5 +72,6 @@ def run_info(path: str | Path) -> dict:
     for rec in records(path):
         if rec.WhichOneof("record_type") == "run":
             cfg = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
-            return {"id": rec.run.run_id, "project": rec.run.project, "config": cfg}
+            return {"id": rec.run.run_id, "project": rec.run.project, "group": rec.run.run_group,
+                    "name": rec.run.display_name, "config": cfg}
     raise AssertionError(f"{path} has no run record")

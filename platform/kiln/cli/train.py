@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -115,10 +116,39 @@ def print_summary(s: dict) -> None:
         print_line(f"W&B {wb['mode']} run: {wb.get('url') or wb['dir']}")
 
 
-def run(cfg: DictConfig) -> dict:
+def finished_run(cfg: dict, resume_from: Path | None) -> dict | None:
+    """The run's summary if its latest checkpoint already reached trainer.max_steps (seen on the
+    driver, so nothing is started): running a finished run, or a sweep's finished trial, again."""
+    from kiln.checkpoint.policy import latest_for_check
+    from kiln.checkpoint.state import read_meta
+    from kiln.tracking.console import print_line
+    from kiln.tracking.tracker import SUMMARY
+
+    ckpt = latest_for_check(cfg, resume_from)
+    max_steps = cfg["trainer"]["max_steps"]
+    if ckpt is None or resume_from is not None or read_meta(ckpt)["step"] < max_steps:
+        return None
+    step = read_meta(ckpt)["step"]
+    print_line(f"run {cfg['trainer']['run_name']} already reached step {step} of trainer.max_steps={max_steps}; "
+               f"raise trainer.max_steps to train on, or set trainer.run_name for a new run")
+    previous = Path(cfg["output_dir"]) / SUMMARY  # a sweep trial re-uses its output directory
+    if previous.is_file():
+        return dict(json.loads(previous.read_text()), skipped=True)
+    return {"steps": step, "final_loss": None, "final_eval_loss": None, "tokens_per_s": None,
+            "output_dir": cfg["output_dir"], "wandb": None, "skipped": True}
+
+
+def run(cfg: DictConfig, trial=None, keep_ray: bool = False) -> dict:
     plain = prepare(cfg)
+    if trial is not None:
+        from kiln.sweep import apply_trial
+
+        apply_trial(plain, trial)
     plan = resolve_data(plain)
     resume_from = check_resume(plain, plan)
+    done = finished_run(plain, resume_from)
+    if done is not None:
+        return done
     # Store the resolved config with the run (Hydra's .hydra/config.yaml keeps the unresolved one).
     out = Path(plain["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         from kiln.launch.ray_launcher import run_ray
 
-        summary = run_ray(plain, resume_from)
+        summary = run_ray(plain, resume_from, keep_ray=keep_ray)
     print_summary(summary)
     from kiln.checkpoint.policy import run_dir, storage_root
     from kiln.tracking.console import print_line
@@ -148,12 +178,51 @@ register_configs()
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from kiln.sweep import current_trial
+
+    trial = current_trial()
+    if trial is not None:
+        return run_trial(cfg, trial)
     try:
         summary = run(cfg)
     except KilnError as e:
         print(f"kiln-train: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return summary.get("final_eval_loss")  # the objective Hydra sweepers minimise
+    return summary.get("final_eval_loss")
+
+
+def run_trial(cfg: DictConfig, trial) -> float:
+    """One trial of a --multirun sweep. A failure is recorded and the sweep goes on; a stop
+    (SIGTERM) checkpoints this trial and records the rest as not run. Returns the objective
+    Hydra's sweepers minimise: the final eval loss (NaN for a trial without one)."""
+    import math
+    import traceback
+
+    from kiln import sweep
+    from kiln.tracking.console import print_line
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    label = trial.trial.replace(",", " ")
+    if sweep.stop_requested:
+        sweep.record_trial(out, trial, "not run (sweep stopped)")
+        return math.nan
+    print_line(f"trial {trial.num}: {label}")
+    try:
+        summary = run(cfg, trial=trial, keep_ray=True)  # Ray stays up for the next trial
+    except Exception as e:
+        if not isinstance(e, KilnError):
+            traceback.print_exc()
+        print(f"kiln-train: trial {trial.num} ({label}) failed: {e}", file=sys.stderr, flush=True)
+        sweep.record_trial(out, trial, "failed", error=sweep.failure_text(e))
+        return math.nan
+    if summary.get("stopped_early_at"):
+        sweep.stop_requested = True
+        status = "interrupted"
+        print_line("sweep stopped: the remaining trials are not run; run the same command to continue")
+    else:
+        status = "skipped (finished before)" if summary.get("skipped") else "done"
+    sweep.record_trial(out, trial, status, summary)
+    return sweep.objective(summary)
 
 
 def main() -> None:

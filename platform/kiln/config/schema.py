@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -171,3 +171,8 @@ def register_configs() -> None:
     """Register the schema so that conf/train.yaml can list `train_schema` first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    # hydra.sweep.subdir: a trial's directory named after its overrides (kiln/sweep.py).
+    if not OmegaConf.has_resolver("kiln_trial"):
+        from kiln.sweep import trial_dir_name
+
+        OmegaConf.register_new_resolver("kiln_trial", trial_dir_name)

@@ -88,6 +88,9 @@ def validate_config(cfg: dict) -> None:
         if tr[key] < 0:
             raise ConfigError(f"trainer.{key}", f"must be >= 0, got {tr[key]}",
                               "checkpoint_interval 0 = only at the end/when stopped; keep_checkpoints 0 = keep all")
+    if not 0 <= cfg["model"]["dropout"] < 1:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {cfg['model']['dropout']}",
+                          "set model.dropout to a probability, e.g. 0.0 for pretraining or 0.1")
     opt = cfg["optim"]
     if opt["lr"] <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {opt['lr']}", "set optim.lr, e.g. 6e-4")

@@ -63,4 +63,8 @@ def run_local(cfg: dict, resume_from: Path | None) -> dict:
         return train(cfg, ctx)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # through DeepSpeed, which also drops its cached groups: the next run in this process
+            # (a sweep's next trial) starts a fresh process group
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()

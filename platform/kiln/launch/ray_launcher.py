@@ -129,15 +129,21 @@ def _worker_fn(config: dict) -> None:
         checkpoints=RayStore(config["resume_from"]),
         stop_requested=stop.is_set,
     )
+    # <output_dir>/ranks/rank_<r>.json: node, address, interface of this rank (written before any
+    # collective, for debugging multi-node set-up); rank 0 prints "ranks: N on M nodes (...)".
+    from kiln.launch.ranks import record_ranks
+
+    record_ranks(ctx, node_ip=ray.util.get_node_ip_address(), node_id=ray.get_runtime_context().get_node_id())
     train(cfg, ctx)
 
 
 def connect(launcher: dict, num_cpus_needed: int) -> str:
     """Join the configured cluster or start a local instance; returns a description."""
+    global _started_here
     import ray
 
     if ray.is_initialized():  # e.g. a sweep: Ray is started once and reused by every trial
-        return "existing Ray connection"
+        return "existing Ray connection" + (" (local instance)" if _started_here else "")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     address = launcher["address"] or os.environ.get("RAY_ADDRESS")
     if address:
@@ -147,10 +153,29 @@ def connect(launcher: dict, num_cpus_needed: int) -> str:
     # Its token authentication is on by default; the notice about it is noise for a private instance.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus_needed), **quiet)
+    _started_here = True
     return "local Ray instance"
 
 
-def run_ray(cfg: dict, resume_from: Path | None) -> dict:
+_started_here = False  # whether this process started the Ray instance it is connected to
+
+
+def check_capacity(lc: dict) -> None:
+    """A local instance never grows: a worker group larger than it would wait forever."""
+    import ray
+
+    from kiln.errors import ConfigError
+
+    need, have = lc["num_workers"] * lc["cpus_per_worker"], int(ray.cluster_resources().get("CPU", 0))
+    if _started_here and need > have:
+        raise ConfigError("launcher.num_workers", f"{lc['num_workers']} workers x {lc['cpus_per_worker']} CPU "
+                          f"need {need} CPUs, but the local Ray instance (sized for this sweep's first trial) has {have}",
+                          "list the largest trial first, or start Ray yourself (ray start --head --num-cpus=N) "
+                          "and set launcher.address")
+
+
+def run_ray(cfg: dict, resume_from: Path | None, keep_ray: bool = False) -> dict:
+    """keep_ray: leave Ray running afterwards, even after a failure (a sweep's next trial uses it)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -161,6 +186,7 @@ def run_ray(cfg: dict, resume_from: Path | None) -> dict:
 
     lc, tr = cfg["launcher"], cfg["trainer"]
     where = connect(lc, lc["num_workers"] * lc["cpus_per_worker"])
+    check_capacity(lc)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = validate_devices(cfg, gpus)
     print_line(f"{where}: {lc['num_workers']} {'GPU' if use_gpu else 'CPU'} worker(s)")
@@ -193,9 +219,13 @@ def run_ray(cfg: dict, resume_from: Path | None) -> dict:
             worker_runtime_env={"env_vars": worker_env},
         ),
     )
-    error = fit_until_done(trainer, stop_actor)
+    try:
+        error = fit_until_done(trainer, stop_actor)
+    finally:
+        ray.kill(stop_actor)
     if error is not None:  # Ray wraps the worker's exception; surface the worker's own message
-        ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
+        if not keep_ray:
+            ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
         raise TrainingError(f"training failed on the Ray workers:\n{worker_message(error)}\n"
                             f"  (full worker tracebacks are above, and in Ray's logs under /tmp/ray/session_latest/logs)"
                             ) from error
