@@ -118,9 +118,10 @@ def failure_text(exc: BaseException) -> str:
 
 
 def objective(summary: dict | None) -> float:
-    """What sweepers minimise: the final eval loss; NaN marks a failed trial (Optuna: FAIL)."""
+    """What sweepers minimise: the final eval loss. A trial without one (failed, diverged, not
+    run) reports +inf, the worst value: Optuna's sweeper aborts the whole search on NaN."""
     value = (summary or {}).get("final_eval_loss")
-    return float(value) if value is not None else math.nan
+    return float(value) if value is not None and math.isfinite(value) else math.inf
 
 
 def format_table(rows: list[dict]) -> str:
@@ -151,6 +152,8 @@ class TrialsTable(Callback):
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
 
+        if self.sweep_dir is None:  # a single run (callbacks fire for those too)
+            return
         out = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
         record_path = out / TRIAL_FILE
         num = job_return.hydra_cfg.hydra.job.num

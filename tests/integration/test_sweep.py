@@ -102,3 +102,31 @@ def test_sweep_records_failure_and_reruns_skip_finished_resume_interrupted(tmp_p
     resumed_files = sorted(glob.glob(str(sweep / TRIALS[1] / "wandb" / "offline-run-*" / "run-*.wandb")),
                            key=os.path.getmtime)
     assert len(resumed_files) == 2 and history(resumed_files[1])[0]["_step"] > stopped_at
+
+
+@pytest.mark.timeout(600)
+def test_optuna_search_minimises_eval_loss(tmp_path):
+    cmd = ["kiln-train", "--multirun", "experiment=optuna_search", "hydra.sweeper.n_trials=3", "launcher=local",
+           "trainer.max_steps=6", "trainer.eval_interval=6", "trainer.eval_batches=2", "logger=none",
+           "data.num_workers=0", f"launcher.storage_path={tmp_path / 'ck'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500)
+    (tmp_path / "optuna.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep" / "trials.json").read_text())
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
+    lrs = {float(next(o for o in r["overrides"] if o.startswith("optim.lr=")).split("=")[1]) for r in rows}
+    assert len(lrs) == 3 and all(1e-4 <= lr <= 3e-3 for lr in lrs), lrs  # sampled from the search space
+    import yaml
+
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(r["final_eval_loss"] for r in rows))
+    assert (tmp_path / "ck" / "optuna-search").is_dir()
+
+
+def test_failed_trial_objective_is_worst_not_nan():
+    from kiln.sweep import objective, trial_dir_name
+
+    assert objective(None) == math.inf and objective({"final_eval_loss": float("nan")}) == math.inf
+    assert objective({"final_eval_loss": 2.5}) == 2.5
+    assert trial_dir_name(["data.path=/a/b c", "optim.lr=0.1"]) == "data.path=_a_b_c,optim.lr=0.1"
+    assert len(trial_dir_name([f"k{i}=v" for i in range(100)])) <= 120

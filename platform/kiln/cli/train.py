@@ -194,7 +194,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def run_trial(cfg: DictConfig, trial) -> float:
     """One trial of a --multirun sweep. A failure is recorded and the sweep goes on; a stop
     (SIGTERM) checkpoints this trial and records the rest as not run. Returns the objective
-    Hydra's sweepers minimise: the final eval loss (NaN for a trial without one)."""
+    Hydra's sweepers minimise: the final eval loss (+inf for a trial without one)."""
     import math
     import traceback
 
@@ -205,7 +205,7 @@ def run_trial(cfg: DictConfig, trial) -> float:
     label = trial.trial.replace(",", " ")
     if sweep.stop_requested:
         sweep.record_trial(out, trial, "not run (sweep stopped)")
-        return math.nan
+        return math.inf
     print_line(f"trial {trial.num}: {label}")
     try:
         summary = run(cfg, trial=trial, keep_ray=True)  # Ray stays up for the next trial
@@ -214,7 +214,7 @@ def run_trial(cfg: DictConfig, trial) -> float:
             traceback.print_exc()
         print(f"kiln-train: trial {trial.num} ({label}) failed: {e}", file=sys.stderr, flush=True)
         sweep.record_trial(out, trial, "failed", error=sweep.failure_text(e))
-        return math.nan
+        return math.inf
     if summary.get("stopped_early_at"):
         sweep.stop_requested = True
         status = "interrupted"
