@@ -72,6 +72,19 @@ def describe_ranks(records: list[dict]) -> str:
     return text + (f" | socket interface {','.join(ifnames)}" if ifnames else "")
 
 
+def ray_node() -> tuple[str | None, str]:
+    """(address, node id) of the Ray node this worker runs on: the address the node registered
+    with (`ray start --node-ip-address`), not ray.util.get_node_ip_address(), which in a worker
+    process is the address this host would use to reach the internet."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return node.get("NodeManagerAddress"), node_id
+    return ray.util.get_node_ip_address(), node_id
+
+
 def record_ranks(ctx, node_ip: str | None, node_id: str | None = None) -> dict:
     """Write this rank's record; rank 0 gathers every rank's and prints the one-line summary."""
     record = rank_record(ctx, node_ip, node_id)

@@ -131,9 +131,9 @@ def _worker_fn(config: dict) -> None:
     )
     # <output_dir>/ranks/rank_<r>.json: node, address, interface of this rank (written before any
     # collective, for debugging multi-node set-up); rank 0 prints "ranks: N on M nodes (...)".
-    from kiln.launch.ranks import record_ranks
+    from kiln.launch.ranks import ray_node, record_ranks
 
-    record_ranks(ctx, node_ip=ray.util.get_node_ip_address(), node_id=ray.get_runtime_context().get_node_id())
+    record_ranks(ctx, *ray_node())
     train(cfg, ctx)
 
 
@@ -199,6 +199,10 @@ def run_ray(cfg: dict, resume_from: Path | None, keep_ray: bool = False) -> dict
     for var in ("KILN_FAULT_SAVE_PAUSE", "WANDB_MODE", "KILN_CACHE_DIR"):
         if os.environ.get(var):
             worker_env[var] = os.environ[var]
+    if lc["socket_ifname"]:
+        # In the workers' environment from their start: Ray Train creates the gloo/NCCL process
+        # group before kiln's worker function runs, so setting it there would be too late.
+        worker_env.update(GLOO_SOCKET_IFNAME=lc["socket_ifname"], NCCL_SOCKET_IFNAME=lc["socket_ifname"])
     trainer = TorchTrainer(
         _worker_fn,
         # plain dicts and strings: never OmegaConf objects across Ray
@@ -224,12 +228,23 @@ def run_ray(cfg: dict, resume_from: Path | None, keep_ray: bool = False) -> dict
     finally:
         ray.kill(stop_actor)
     if error is not None:  # Ray wraps the worker's exception; surface the worker's own message
+        logs = ray_logs_dir()
         if not keep_ray:
             ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
         raise TrainingError(f"training failed on the Ray workers:\n{worker_message(error)}\n"
-                            f"  (full worker tracebacks are above, and in Ray's logs under /tmp/ray/session_latest/logs)"
+                            f"  (full worker tracebacks are above, and in Ray's logs under {logs})"
                             ) from error
     return read_summary(output_dir)
+
+
+def ray_logs_dir() -> str:
+    """This Ray session's log directory on this node (a cluster may use its own --temp-dir)."""
+    try:
+        import ray._private.worker as ray_worker
+
+        return ray_worker._global_node.get_logs_dir_path()
+    except Exception:  # private API moved: name the default place
+        return "/tmp/ray/session_latest/logs"
 
 
 def fit_until_done(trainer, stop_actor) -> BaseException | None:
