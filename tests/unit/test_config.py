@@ -218,3 +218,19 @@ def test_negative_checkpoint_settings(compose):
 def test_cli_init_from_nonsense_fails_before_workers(tmp_path):
     err = cli_error(tmp_path, "launcher=local", f"model.init_from={tmp_path}")
     assert "model.init_from" in err and "neither a kiln checkpoint" in err
+
+
+def test_ray_job_with_relative_output_paths_warns(compose, capsys, monkeypatch):
+    from kiln.cli.train import warn_job_local_paths
+
+    cfg = compose([])
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    warn_job_local_paths(cfg, [])
+    assert capsys.readouterr().out == ""  # not a Ray job: nothing to say
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    warn_job_local_paths(cfg, ["hydra.run.dir=outputs/x"])
+    out = capsys.readouterr().out
+    assert "hydra.run.dir and launcher.storage_path relative or unset" in out
+    cfg["launcher"]["storage_path"] = "s3://bucket/ck"
+    warn_job_local_paths(cfg, ["hydra.run.dir=/shared/out"])
+    assert capsys.readouterr().out == ""

@@ -138,8 +138,27 @@ def finished_run(cfg: dict, resume_from: Path | None) -> dict | None:
             "output_dir": cfg["output_dir"], "wandb": None, "skipped": True}
 
 
+def warn_job_local_paths(cfg: dict, overrides: list[str]) -> None:
+    """Under `ray job submit` the working directory is Ray's unpacked copy of --working-dir:
+    relative (or default) output and checkpoint paths would vanish with it."""
+    from kiln.tracking.console import print_line
+
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    storage = cfg["launcher"]["storage_path"] or ""
+    loose = [key for key, value in (("hydra.run.dir", values.get("hydra.run.dir", "")),
+                                    ("launcher.storage_path", storage))
+             if not (os.path.isabs(value) or "://" in value)]
+    if loose:
+        print_line(f"warning: running as a Ray job with {' and '.join(loose)} relative or unset: outputs land in "
+                   f"Ray's copy of the working directory ({os.getcwd()}); set them to absolute paths on "
+                   f"shared storage (launchers/ray-job/README.md)")
+
+
 def run(cfg: DictConfig, trial=None, keep_ray: bool = False) -> dict:
     plain = prepare(cfg)
+    warn_job_local_paths(plain, list(HydraConfig.get().overrides.task))
     if trial is not None:
         from kiln.sweep import apply_trial
 
