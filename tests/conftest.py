@@ -14,6 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/helpers
 
 
+def starts_ray(item) -> bool:
+    path = Path(str(item.fspath))
+    return (path.parent.name == "cluster" or path.name in ("test_bad_shards.py", "test_sweep.py")
+            or item.name.startswith("test_ray_"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (pyproject: -n 2 --dist loadgroup) every test that starts Ray runs on
+    one worker, one at a time: tests count the machine's real Ray worker processes, and Ray
+    Train's helper actors look for "the" Ray instance on the host. Unit tests and one-process
+    runs go beside them on the other worker."""
+    for item in items:
+        if starts_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory):
     """Keep W&B offline and off the network, and the default-corpus cache inside the test run
