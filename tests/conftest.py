@@ -20,6 +20,7 @@ def starts_ray(item) -> bool:
             or item.name.startswith("test_ray_"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (pyproject: -n 2 --dist loadgroup) every test that starts Ray runs on
     one worker, one at a time: tests count the machine's real Ray worker processes, and Ray
