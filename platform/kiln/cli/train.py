@@ -133,7 +133,8 @@ def finished_run(cfg: dict, resume_from: Path | None) -> dict | None:
                f"raise trainer.max_steps to train on, or set trainer.run_name for a new run")
     previous = Path(cfg["output_dir"]) / SUMMARY  # a sweep trial re-uses its output directory
     if previous.is_file():
-        return dict(json.loads(previous.read_text()), skipped=True)
+        # (finished: even if that last run was stopped exactly at max_steps)
+        return dict(json.loads(previous.read_text()), skipped=True, stopped_early_at=None)
     return {"steps": step, "final_loss": None, "final_eval_loss": None, "tokens_per_s": None,
             "output_dir": cfg["output_dir"], "wandb": None, "skipped": True}
 
