@@ -126,9 +126,11 @@ def finished_run(cfg: dict, resume_from: Path | None) -> dict | None:
 
     ckpt = latest_for_check(cfg, resume_from)
     max_steps = cfg["trainer"]["max_steps"]
-    if ckpt is None or resume_from is not None or read_meta(ckpt)["step"] < max_steps:
+    if ckpt is None or resume_from is not None:
         return None
     step = read_meta(ckpt)["step"]
+    if step < max_steps:
+        return None
     print_line(f"run {cfg['trainer']['run_name']} already reached step {step} of trainer.max_steps={max_steps}; "
                f"raise trainer.max_steps to train on, or set trainer.run_name for a new run")
     previous = Path(cfg["output_dir"]) / SUMMARY  # a sweep trial re-uses its output directory
