@@ -36,3 +36,19 @@ def test_cpu_runs_use_torch_adamw_for_bitwise_resume(compose):
     assert "torch_adam" not in deepspeed_config(cfg, world_size=2, on_gpu=True)["optimizer"]["params"]
     offload = compose(["parallelism=zero2_offload"])  # offload keeps DeepSpeed's fast CPU Adam
     assert "torch_adam" not in deepspeed_config(offload, world_size=2, on_gpu=False)["optimizer"]["params"]
+
+
+def test_zero0_bf16_leaves_grad_accum_dtype_to_deepspeed(compose):
+    """DeepSpeed refuses data_types.grad_accum_dtype=fp32 without ZeRO (stage 0 in bf16): every
+    worker raised inside deepspeed.initialize. Stages 1-3 keep fp32 accumulation."""
+    ds = deepspeed_config(compose(["parallelism=zero0", "precision=bf16"]), world_size=2, on_gpu=False)
+    assert ds["bf16"]["enabled"] and "grad_accum_dtype" not in ds.get("data_types", {})
+    for stage in (1, 2, 3):
+        ds = deepspeed_config(compose([f"parallelism=zero{stage}", "precision=bf16"]), world_size=2, on_gpu=False)
+        assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_warmup_zero_and_one_step_runs_are_valid_schedules(compose):
+    for overrides in (["optim.warmup_steps=0"], ["trainer.max_steps=1"], ["trainer.max_steps=1", "optim.warmup_steps=0"]):
+        sched = deepspeed_config(compose(overrides), world_size=1)["scheduler"]["params"]
+        assert sched["warmup_num_steps"] == 0 and sched["total_num_steps"] >= 1

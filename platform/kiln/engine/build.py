@@ -10,6 +10,7 @@ import sys
 import torch
 
 from kiln.engine.ds_config import deepspeed_config
+from kiln.engine.schedule import client_scheduler, schedule_params
 
 
 class _DropKnownNoise(logging.Filter):
@@ -49,14 +50,24 @@ def model_on_gpu() -> bool:
 
 
 def build_engine(model: torch.nn.Module, cfg: dict, world_size: int, weight_decay: float):
+    """The DeepSpeed engine, with kiln's LR schedule as its client scheduler (DeepSpeed steps it
+    after every applied optimizer step and saves/loads its state with the model states)."""
     import deepspeed
 
     quiet_deepspeed()
     ds_cfg = deepspeed_config(cfg, world_size, on_gpu=model_on_gpu())
+    ds_json = {k: v for k, v in ds_cfg.items() if k != "scheduler"}  # kiln's schedule, given below
     with captured_stdout():
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=model.param_groups(weight_decay),
-            config=ds_cfg,
+            config=ds_json,
+            lr_scheduler=client_scheduler(schedule_params(cfg)),
         )
     return engine, ds_cfg
+
+
+def needs_own_grad_norm(engine) -> bool:
+    """DeepSpeed records the global gradient norm in its ZeRO and mixed-precision optimizers; a
+    ZeRO-0 fp32 run steps the plain torch optimizer, which records none: kiln computes it."""
+    return not hasattr(engine.optimizer, "_global_grad_norm")

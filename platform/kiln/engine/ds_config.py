@@ -6,6 +6,10 @@ is the one place that knows DeepSpeed's key names.
 
 from __future__ import annotations
 
+from kiln.engine.schedule import schedule_params
+
+CLIENT_SCHEDULER = "kiln.WarmupCosine"  # ds["scheduler"]["type"]: not a DeepSpeed scheduler name
+
 
 def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
     par, prec, opt, tr = cfg["parallelism"], cfg["precision"], cfg["optim"], cfg["trainer"]
@@ -24,6 +28,7 @@ def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
         zero["stage3_param_persistence_threshold"] = 0
 
     dtype = prec["dtype"]
+    sched = schedule_params(cfg)
     ds: dict = {
         "train_micro_batch_size_per_gpu": tr["micro_batch_size"],
         "gradient_accumulation_steps": tr["grad_accum_steps"],
@@ -48,17 +53,15 @@ def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
                 "weight_decay": opt["weight_decay"],
             },
         },
-        "scheduler": {
-            # Linear warmup from 0 to lr over warmup_steps, then cosine to lr * min_lr_ratio.
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(tr["max_steps"], 1),
-                "warmup_num_steps": min(opt["warmup_steps"], max(tr["max_steps"] - 1, 0)),
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": opt["min_lr_ratio"],
-                "warmup_type": "linear",
-            },
-        },
+        # kiln's own schedule (engine/schedule.py), not DeepSpeed's WarmupCosineLR (which gives
+        # steps 1 and 2 lr 0 and rejects warmup 0). build_engine takes this entry out and hands the
+        # schedule to DeepSpeed as a client LR scheduler, whose state DeepSpeed checkpoints.
+        "scheduler": {"type": CLIENT_SCHEDULER, "params": {
+            "total_num_steps": sched["max_steps"],
+            "warmup_num_steps": sched["warmup_steps"],
+            "warmup_type": "linear",
+            "cos_min_ratio": sched["min_lr_ratio"],
+        }},
         # kiln prints its own progress; DeepSpeed's per-step prints would drown it.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -70,7 +73,10 @@ def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
         # step stored in the checkpoint, so CPU runs resume bitwise. (DeepSpeed's GPU FusedAdam
         # already computes it from the step; offload keeps DeepSpeed's CPU Adam for its speed.)
         ds["optimizer"]["params"]["torch_adam"] = True
-    if dtype == "bf16":
-        # Keep gradient accumulation and reduction in fp32 for stable small-batch training.
+    if dtype == "bf16" and stage > 0:
+        # Keep gradient accumulation and reduction in fp32 for stable small-batch training. ZeRO
+        # stages 1-3 support it; stage 0 (DeepSpeed's bf16 optimizer without ZeRO) refuses fp32
+        # accumulation, so there gradients accumulate in bf16 (its fp32 master weights still
+        # take the update).
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
