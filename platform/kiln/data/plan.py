@@ -4,7 +4,7 @@ stream spec and validation shards. The driver builds it to validate; every rank 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kiln.data.sources import Source, check_shards_open, fingerprint, resolve_sources
 from kiln.data.stream import StreamSpec
@@ -17,6 +17,8 @@ class DataPlan:
     spec: StreamSpec
     val_urls: list[str]
     val_dtype: str
+    val_split: str = "val"  # "train": no source has a validation split, eval reads training shards
+    warnings: list[str] = field(default_factory=list)  # printed by rank 0 when the run starts
 
 
 def load_source_tokenizer(source: Source, cache_dir: str):
@@ -40,6 +42,23 @@ def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
         batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id, seed=tr["seed"],
         shuffle_window=data["shuffle_buffer"], on_error=data["on_error"], fingerprint=fingerprint(sources),
     )
+    val_urls, val_dtype, val_split, warnings = eval_shards(sources)
+    return DataPlan(sources, tokenizer, spec, val_urls, val_dtype, val_split, warnings)
+
+
+def eval_shards(sources: list[Source]) -> tuple[list[str], str, str, list[str]]:
+    """The shards eval reads: every source's validation split. A run whose sources have none
+    still trains, and evaluates on the first source's training shards, but says so: a warning
+    when it starts, and `eval_split: "train"` beside each eval_loss and in the summary (an eval
+    loss measured on training data must never pass for a validation loss)."""
     with_val = [s for s in sources if s.val]
-    val_urls = [u for s in with_val for u in s.val] or sources[0].train  # no val split: eval on train
-    return DataPlan(sources, tokenizer, spec, val_urls, (with_val or sources)[0].dtype)
+    if with_val:
+        without = [s.name for s in sources if not s.val]
+        warnings = [f"source(s) {', '.join(without)} have no validation split: eval_loss covers only "
+                    f"{', '.join(s.name for s in with_val)}"] if without else []
+        return [u for s in with_val for u in s.val], with_val[0].dtype, "val", warnings
+    first = sources[0]
+    warning = (f"no validation split in the data (source {first.name}: its manifest lists no val shards), so "
+               f"eval_loss is measured on TRAINING shards and labelled eval_split=train; rebuild the data with "
+               f"`kiln-data ... --val-fraction 0.01` for a real validation loss")
+    return list(first.train), first.dtype, "train", [warning]

@@ -96,16 +96,35 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
             raise DataError(f"{key}: shard {url!r} is not a training shard listed in {location}")
         checksums.append(listed[m[-1]]["sha256"])
         documents.append(listed[m[-1]]["documents"])
-    val = [] if path.startswith("pipe:") else [f"{base}/{s['file']}" for s in splits.get("val", [])]
+    manifest_key = "data.manifest" if key == "data.path" else f"{key}.manifest"
+    val = [beside_manifest(location, s["file"], manifest_key) for s in splits.get("val", [])]
     return Source(name or Path(base).name or "data", train, val, raw["token_dtype"], raw["tokenizer"], base,
                   weight, checksums, documents, location)
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def beside_manifest(location: str, file: str, key: str = "data.manifest") -> str:
+    """Where `file` (a shard or tokenizer.json the manifest names) is: the manifest lists files
+    relative to itself. For a pipe: command that is the same command with the manifest's name
+    replaced (`pipe:aws s3 cp s3://b/owt/manifest.json -` -> `... s3://b/owt/val-000000.tar -`)."""
+    if not location.startswith("pipe:"):
+        return location.rsplit("/", 1)[0] + "/" + file
+    at = location.rfind(MANIFEST_NAME)
+    if at < 0:
+        raise ConfigError(key, f"the pipe: command {location!r} reading the manifest does not name "
+                          f"{MANIFEST_NAME}, so kiln cannot derive the commands that read the files beside it "
+                          f"(validation shards, tokenizer)",
+                          f"give a command that names the manifest file, e.g. "
+                          f"`pipe:aws s3 cp s3://bucket/owt/{MANIFEST_NAME} -`")
+    return location[:at] + file + location[at + len(MANIFEST_NAME):]
 
 
 def fetch_beside_manifest(source: Source, file: str, cache_dir: str) -> Path:
     """Copy a file that lies beside a remote source's manifest (its tokenizer.json) to the local
     cache, so that every rank loads the tokenizer the shards were written with."""
-    loc = source.manifest_location
-    remote = loc.replace("manifest.json", file) if loc.startswith("pipe:") else loc.rsplit("/", 1)[0] + "/" + file
+    remote = beside_manifest(source.manifest_location, file)
     local = Path(cache_dir).expanduser() / "remote" / hashlib.sha256(remote.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
     try:
@@ -164,21 +183,24 @@ def fingerprint(sources: list[Source]) -> str:
 
 
 def check_shards_open(sources: list[Source]) -> None:
-    """Before launch: every local shard exists; the first shard of each remote source opens."""
-    from webdataset import gopen
+    """Before launch: every local shard exists; the first training and the first validation
+    shard of each remote source open."""
+    from webdataset.gopen import gopen  # (webdataset's package attribute `gopen` is the function)
 
     for s in sources:
-        for url in s.train:
-            if url.startswith(REMOTE):
-                continue
-            if not Path(url).is_file():
-                raise DataError(f"shard {url} (source {s.name}) does not exist")
-        remote = [u for u in s.train if u.startswith(REMOTE)]
-        if remote:
-            try:
-                with gopen.gopen(remote[0]) as f:
-                    head = f.read(512)
-            except Exception as e:
-                raise DataError(f"shard {remote[0]} (source {s.name}) cannot be opened: {e}") from e
-            if len(head) < 512:
-                raise DataError(f"shard {remote[0]} (source {s.name}) is not a tar file (read {len(head)} bytes)")
+        for split, urls in (("", s.train), ("validation ", s.val)):
+            for url in urls:
+                if url.startswith(REMOTE):
+                    continue
+                if not Path(url).is_file():
+                    raise DataError(f"{split}shard {url} (source {s.name}) does not exist")
+            remote = [u for u in urls if u.startswith(REMOTE)]
+            if remote:
+                try:
+                    with gopen(remote[0]) as f:
+                        head = f.read(512)
+                except Exception as e:
+                    raise DataError(f"{split}shard {remote[0]} (source {s.name}) cannot be opened: {e}") from e
+                if len(head) < 512:
+                    raise DataError(f"{split}shard {remote[0]} (source {s.name}) is not a tar file "
+                                    f"(read {len(head)} bytes)")

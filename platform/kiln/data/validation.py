@@ -1,0 +1,67 @@
+"""The evaluation set: fixed micro-batches of the validation split, a slice of it per rank.
+
+The loop builds them once per run and keeps them (eval_batches x micro_batch x (seq_len + 1)
+tokens per rank), so every evaluation of a run, and of a run resumed with the same number of
+ranks, measures the same blocks. How the split is sliced across ranks:
+
+- at least as many validation shards as ranks: rank r reads only shards r, r + world, ... in
+  order, so a rank's reading does not grow with the number of ranks;
+- fewer shards: the split is read in order and block i goes to rank i % world; a rank reads only
+  the first world x (its blocks) blocks, once per run.
+
+Either way the ranks' blocks are disjoint, and a split shorter than what is asked wraps around.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from kiln.data.reader import read_documents
+from kiln.errors import DataError
+
+
+def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int,
+                num_batches: int, eos_id: int, dtype: str, on_error: str = "raise"
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's `num_batches` validation micro-batches (x, y), the same on every call."""
+    from kiln.data.stream import pack  # as training packs them (stream.py re-exports this module)
+
+    dt = np.dtype(dtype)
+    own_shards = len(urls) >= world
+    mine_urls = urls[rank::world] if own_shards else list(urls)
+
+    def endless_docs():
+        while True:
+            n = 0
+            for url in mine_urls:
+                for doc in read_documents(url, dt, on_error):
+                    n += 1
+                    yield doc
+            if n == 0:
+                raise DataError(f"the validation shards yielded no documents: {mine_urls[:3]}")
+
+    def mine():
+        blocks = pack(endless_docs(), seq_len + 1, eos_id)
+        if own_shards:
+            yield from blocks
+            return
+        for i, block in enumerate(blocks):
+            if i % world == rank:
+                yield block
+
+    blocks = mine()
+    for _ in range(num_batches):
+        arr = torch.from_numpy(np.stack([next(blocks) for _ in range(batch_size)]))
+        yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+
+def eval_set(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int, num_batches: int,
+             eos_id: int, dtype: str, on_error: str = "raise", device: torch.device | None = None
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """val_batches read once and kept (on `device`): what the loop evaluates on every time."""
+    return [(x.to(device), y.to(device)) if device is not None else (x, y)
+            for x, y in val_batches(urls, rank=rank, world=world, seq_len=seq_len, batch_size=batch_size,
+                                    num_batches=num_batches, eos_id=eos_id, dtype=dtype, on_error=on_error)]
