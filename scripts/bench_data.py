@@ -191,11 +191,27 @@ def describe(d: Path) -> dict:
             "dtype": m.token_dtype}
 
 
-def spec_for(d: Path, seq_len: int, batch: int, window: int) -> StreamSpec:
+def spec_for(d: Path, seq_len: int, batch: int, window: int, open_shards: int = 1) -> StreamSpec:
     src = resolve_source(str(d))
     eos = load_source_tokenizer(src, "/nonexistent").eos_id  # local data: nothing is fetched
     return StreamSpec(sources=(src.to_stream(),), seq_len=seq_len, batch_size=batch, eos_id=eos, seed=1337,
-                      shuffle_window=window, fingerprint=fingerprint([src]))
+                      shuffle_window=window, fingerprint=fingerprint([src]), open_shards=open_shards)
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """'256:1,4096:16' -> [(window, open_shards), ...]; 'default' is kiln's defaults."""
+    from kiln.config.schema import DataConfig
+
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "default":
+            d = DataConfig()
+            out.append((d.shuffle_buffer, d.open_shards))
+        elif item:
+            w, k = item.split(":")
+            out.append((int(w), int(k)))
+    return out
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -275,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpe-vocab", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences)")
-    ap.add_argument("--window", type=int, default=256, help="shuffle window (blocks), as data.shuffle_buffer")
+    ap.add_argument("--settings", default="256:1,default",
+                    help="stream settings to measure side by side, WINDOW:OPEN_SHARDS (data.shuffle_buffer:"
+                         "data.open_shards), comma-separated; 'default' is kiln's defaults; 256:1 is the stream "
+                         "before issue 9 (default: 256:1,default)")
     ap.add_argument("--workers", default="0,1,2", help="DataLoader workers to measure (default 0,1,2)")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per loader measurement")
     ap.add_argument("--models", default="tiny,mini", help="trainer models: tiny, mini, gpt2-small (slow)")
@@ -330,23 +349,35 @@ def run(args, datasets, workers, models, clock, log) -> dict:
         log(f"{name:<13} {i['tokenizer']:<9} {i['shards']:>6} {fmt(i['tokens']):>8} {i['documents']:>7,} "
             f"{i['tokens_per_doc']:>10,.0f}")
 
-    log(f"\nloader: ResumableLoader, seq_len {args.seq_len}, micro-batch {args.batch_size}, shuffle window "
-        f"{args.window}, {args.seconds:g}s each after a warm-up of two windows")
+    settings = parse_settings(args.settings)
+    log(f"\nloader: ResumableLoader, seq_len {args.seq_len}, micro-batch {args.batch_size}, "
+        f"{args.seconds:g}s each after a warm-up of two shuffle windows")
     log("  tokens/s: wall clock; cores used: CPU time of this process and its workers / wall time;")
     log("  per core: tokens per CPU-second (what one core delivers, even when other work shares the machine)")
-    log(f"{'dataset':<13} {'workers':>7} {'tokens/s':>9} {'cores used':>10} {'tokens/s per core':>17}")
+    log(f"{'dataset':<13} {'window:open':>11} {'workers':>7} {'tokens/s':>9} {'cores used':>10} "
+        f"{'tokens/s per core':>17}")
     loader: dict[str, list[dict]] = {}
     for name, d in datasets:
-        spec = spec_for(d, args.seq_len, args.batch_size, args.window)
         loader[name] = []
-        for w in workers:
-            try:
-                r = measure_loader(spec, w, args.seconds, clock)
-            except DataError as e:  # fewer shards than readers
-                log(f"{name:<13} {w:>7}  skipped: {e}")
-                continue
-            loader[name].append(r)
-            log(f"{name:<13} {w:>7} {fmt(r['tokens_per_s']):>9} {r['cores']:>10.2f} {fmt(r['tokens_per_cpu_s']):>17}")
+        for window, open_shards in settings:
+            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards)
+            tag = f"{window}:{open_shards}"
+            for w in workers:
+                try:
+                    r = measure_loader(spec, w, args.seconds, clock)
+                except DataError as e:  # fewer shards than readers
+                    log(f"{name:<13} {tag:>11} {w:>7}  skipped: {e}")
+                    continue
+                r.update(window=window, open_shards=open_shards)
+                loader[name].append(r)
+                log(f"{name:<13} {tag:>11} {w:>7} {fmt(r['tokens_per_s']):>9} {r['cores']:>10.2f} "
+                    f"{fmt(r['tokens_per_cpu_s']):>17}")
+        if len(settings) > 1:
+            for w in workers:
+                rows = [r for r in loader[name] if r["workers"] == w]
+                if len(rows) == len(settings):
+                    log(f"{name:<13} {'ratio':>11} {w:>7}  per core {settings[-1][0]}:{settings[-1][1]} / "
+                        f"{settings[0][0]}:{settings[0][1]} = {rows[-1]['tokens_per_cpu_s'] / rows[0]['tokens_per_cpu_s']:.2f}")
 
     trainer = []
     if models:
@@ -364,9 +395,11 @@ def run(args, datasets, workers, models, clock, log) -> dict:
     def lowest(rows) -> float | None:
         return min((r["tokens_per_cpu_s"] for r in rows), default=None)
 
-    per_core = {name: lowest([r for r in rs if r["workers"] == 0]) for name, rs in loader.items()}
+    last = settings[-1]  # the goal is judged on the last settings measured (kiln's defaults by default)
+    loader_last = {name: [r for r in rs if (r["window"], r["open_shards"]) == last] for name, rs in loader.items()}
+    per_core = {name: lowest([r for r in rs if r["workers"] == 0]) for name, rs in loader_last.items()}
     per_core = {k: v for k, v in per_core.items() if v is not None}
-    with_workers = lowest([r for rs in loader.values() for r in rs if r["workers"] > 0])
+    with_workers = lowest([r for rs in loader_last.values() for r in rs if r["workers"] > 0])
     if trainer and per_core:
         unit = "one core" if torch.get_num_threads() == 1 else f"{torch.get_num_threads()} threads"
         log(f"\nratio loader/trainer (loader: tokens/s on one core, workers=0; trainer: tokens/s on {unit})")
@@ -394,7 +427,7 @@ def run(args, datasets, workers, models, clock, log) -> dict:
                 f"{fmt(with_workers)} per core, {with_workers / H100_124M:.0f}x; so one H100 needs about "
                 f"{H100_124M / with_workers:.2f} of a core of this CPU for its data")
     return {"datasets": info, "loader": loader, "trainer": trainer, "verdict": verdict,
-            "settings": {"seq_len": args.seq_len, "batch_size": args.batch_size, "window": args.window,
+            "settings": {"seq_len": args.seq_len, "batch_size": args.batch_size, "stream": settings,
                          "seconds": args.seconds, "threads": torch.get_num_threads()}}
 
 

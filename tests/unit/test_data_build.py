@@ -108,7 +108,7 @@ def test_workers_do_not_change_a_single_byte(tmp_path, monkeypatch):
 def test_bpe_round_trip_on_stdlib_text(tmp_path, bpe):
     files = stdlib_files(30)
     texts = [t for t in (p.read_text() for p in files) if t]
-    r = build_dataset([str(p) for p in files], tmp_path / "out", bpe, val_fraction=0.0,
+    r = build_dataset([str(p) for p in files], tmp_path / "out", bpe, val_fraction=0.0, shuffle=False,
                       shard_size="20k", workers=2)
     m = load_manifest(tmp_path / "out")
     assert m.fingerprint == r.manifest.fingerprint
@@ -137,7 +137,7 @@ def test_hugging_face_tokenizer_json_by_path(tmp_path, bpe, capsys):
     given.write_bytes(bpe.file_bytes())
     files = [str(p) for p in stdlib_files(8)]
     out = tmp_path / "out"
-    assert main([*files, "--out", str(out), "--tokenizer", str(given), "--val-fraction", "0",
+    assert main([*files, "--out", str(out), "--tokenizer", str(given), "--val-fraction", "0", "--no-shuffle",
                  "--workers", "2"]) == 0
     m = load_manifest(out)
     assert m.tokenizer == {"type": "hf", "vocab_size": bpe.vocab_size, "eos_id": bpe.eos_id,
@@ -184,7 +184,7 @@ def test_parquet_input(tmp_path):
     table = pa.table({"id": list(range(len(texts))), "body": texts})
     pq.write_table(table, tmp_path / "rows.parquet", row_group_size=4)  # several row groups
     out = tmp_path / "out"
-    assert main([str(tmp_path / "rows.parquet"), "--out", str(out), "--text-column", "body",
+    assert main([str(tmp_path / "rows.parquet"), "--out", str(out), "--text-column", "body", "--no-shuffle",
                  "--val-fraction", "0", "--workers", "2"]) == 0
     m = load_manifest(out)
     assert [ByteTokenizer().decode(d) for d in all_docs(m)] == [t for t in texts if t]
@@ -197,10 +197,11 @@ def test_glob_input_is_expanded_sorted_and_recursive(tmp_path):
                       ("notes.md", "not matched"), (".hidden/e.txt", "hidden")]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    m = build_dataset([str(root / "**" / "*.txt")], tmp_path / "g", ByteTokenizer(), val_fraction=0).manifest
+    m = build_dataset([str(root / "**" / "*.txt")], tmp_path / "g", ByteTokenizer(), val_fraction=0,
+                      shuffle=False).manifest
     assert [ByteTokenizer().decode(d) for d in all_docs(m)] == ["A", "B", "C", "D"]
     # A directory input takes every file, hidden ones left out, in sorted path order.
-    m = build_dataset([str(root)], tmp_path / "d", ByteTokenizer(), val_fraction=0).manifest
+    m = build_dataset([str(root)], tmp_path / "d", ByteTokenizer(), val_fraction=0, shuffle=False).manifest
     assert [ByteTokenizer().decode(d) for d in all_docs(m)] == ["A", "B", "not matched", "C", "D"]
 
 

@@ -6,7 +6,8 @@
 
 Inputs are files, directories (walked recursively) and glob patterns (quote them; kiln expands
 them, '**' included). The same input and settings give byte-identical shards and manifest
-whatever --workers is. Bad input stops the build with exit code 2, naming the file (and line),
+whatever --workers is. Documents are shuffled across the output by default (seeded, --seed;
+--no-shuffle keeps input order). Bad input stops the build with exit code 2, naming the file (and line),
 unless --on-error skip. The tokenizer is saved beside the shards as tokenizer.json.
 """
 
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fraction of documents for the validation split (by a stable hash of "
                              "their id: path, path:line or path#row)")
     shards.add_argument("--max-tokens", type=_positive_int, default=None, help="stop after this many tokens")
+    shards.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                        help="shuffle documents across the whole output (seeded, byte-identical for any "
+                             "--workers, for corpora larger than memory); --no-shuffle keeps input order "
+                             "(default: shuffle)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default: 0)")
     shards.add_argument("--workers", type=_positive_int, default=default_workers(),
                         help="tokenizing processes; the output does not depend on it "
                              "(default: min(4, CPUs) = %(default)s)")
@@ -122,6 +128,8 @@ def print_summary(r: BuildReport, out=None) -> None:
             print(f"  ... and {len(r.skipped) - 5} more", file=out)
     else:
         print("skipped 0 inputs", file=out)
+    order = f"shuffled (seed {m.build['seed']})" if m.build.get("shuffle") else "input order (--no-shuffle)"
+    print(f"documents: {order}", file=out)
     print(f"tokenizer: {m.tokenizer['type']} ({m.tokenizer['vocab_size']:,} tokens); "
           f"fingerprint {m.fingerprint}", file=out)
     print(f"wrote {m.root}; train with: kiln-train data.path={m.root}", file=out)
@@ -139,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = build_tokenizer(args.tokenizer, eos_token=args.eos_token)
         report = build_dataset(args.inputs, args.out, tokenizer, val_fraction=args.val_fraction,
                                shard_size=args.shard_size, max_tokens=args.max_tokens,
-                               workers=args.workers, progress=args.progress, **common)
+                               workers=args.workers, progress=args.progress, shuffle=args.shuffle,
+                               seed=args.seed, **common)
     except KilnError as e:
         print(f"kiln-data: {e}", file=sys.stderr)
         return 2

@@ -58,8 +58,11 @@ class DataConfig:
     seq_len: int = "${model.block_size}"  # type: ignore[assignment]
     # DataLoader worker processes per rank (0 = read in the training process).
     num_workers: int = 1
-    # Packed blocks held in the shuffle buffer (0 disables shuffling).
-    shuffle_buffer: int = 256
+    # Sampling (docs/data.md, chosen with scripts/bench_sampling.py): each reader reads
+    # open_shards shards at once, merging their documents at random, and shuffles the packed
+    # blocks in windows of shuffle_buffer blocks (0 or 1: no window shuffle).
+    open_shards: int = 16
+    shuffle_buffer: int = 4096
     # Where the default corpus is cached.
     cache_dir: str = "${oc.env:KILN_CACHE_DIR,${oc.env:HOME}/.cache/kiln}"
 

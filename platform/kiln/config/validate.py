@@ -24,6 +24,7 @@ POSITIVE = (
     "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "data.seq_len",
     "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "launcher.cpus_per_worker",
+    "data.open_shards",
 )
 
 
@@ -63,6 +64,9 @@ def validate_config(cfg: dict) -> None:
             f"the most positions the model has embeddings for",
             f"set data.seq_len <= {m['block_size']} or raise model.block_size",
         )
+    if cfg["data"]["shuffle_buffer"] < 0:
+        raise ConfigError("data.shuffle_buffer", f"must be >= 0, got {cfg['data']['shuffle_buffer']}",
+                          "use 0 (no window shuffle) or a number of blocks (default 4096)")
     if cfg["data"]["num_workers"] < 0:
         raise ConfigError("data.num_workers", f"must be >= 0, got {cfg['data']['num_workers']}",
                           "use 0 to read in the training process, or a positive number of reader processes")

@@ -8,6 +8,13 @@ Parallelism without losing determinism: the main process reads documents in inpu
 sends them in batches to `workers` tokenizing processes; results come back in submission order
 and the main process alone writes shards. So shards, keys and the manifest depend only on the
 input and the settings, never on `workers` or on which process finished first.
+
+Shuffling (the default): real corpora arrive ordered (by source, date, file name), and a model
+trained on shards in that order learns worse than one fed uniform samples. Documents are
+therefore shuffled across the whole output with a seeded two-level shuffle that needs memory for
+one bucket only: each document is scattered (by a hash of the seed and its input position) to
+one of N spill files on disk, then each bucket is read back, permuted (seeded) and written out
+in turn. N is set by the input's size, never by --workers, so the output stays byte-identical.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import hashlib
 import io
 import multiprocessing as mp
 import os
+import random
 import re
+import shutil
 import sys
 import tarfile
 import time
@@ -171,6 +180,84 @@ class _ShardWriter:
             p.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------------------- shuffling
+
+# Documents per shuffle bucket are held in memory one bucket at a time: at most about this many
+# bytes of tokens (an upper bound from the input's size: a token is at least one input byte).
+SHUFFLE_BUCKET_BYTES = 512 << 20
+_RECORD = np.dtype("<i8")  # spill record header: input position, token count
+
+
+def shuffle_buckets(input_bytes: int, max_tokens: int | None, itemsize: int) -> int:
+    upper = input_bytes if not max_tokens else min(input_bytes, max_tokens + (1 << 20))
+    return max(1, -(-upper * itemsize // SHUFFLE_BUCKET_BYTES))
+
+
+def _bucket_of(seed: int, index: int, buckets: int) -> int:
+    h = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % buckets
+
+
+class _SpillShuffle:
+    """Two-level shuffle of one split's documents: scatter to bucket files, then permute each
+    bucket in memory and hand its documents to the shard writer (see the module docstring)."""
+
+    def __init__(self, tmp: Path, split: str, dtype: np.dtype, buckets: int, seed: int):
+        self.split, self.dtype, self.seed = split, dtype, seed
+        self.paths = [tmp / f"{split}-{b:05d}.spill" for b in range(buckets)]
+        self.files: list = [None] * buckets
+
+    def add(self, index: int, tokens: np.ndarray) -> None:
+        b = _bucket_of(self.seed, index, len(self.paths))
+        if self.files[b] is None:
+            self.files[b] = open(self.paths[b], "wb")
+        f = self.files[b]
+        f.write(np.array([index, len(tokens)], dtype=_RECORD).tobytes())
+        f.write(tokens.astype(self.dtype, copy=False).tobytes())
+
+    def drain(self, writer: "_ShardWriter") -> None:
+        for b, path in enumerate(self.paths):
+            f = self.files[b]
+            if f is None:
+                continue
+            f.close()
+            data, pos, docs = path.read_bytes(), 0, []
+            while pos < len(data):
+                index, n = np.frombuffer(data, dtype=_RECORD, count=2, offset=pos)
+                pos += 2 * _RECORD.itemsize
+                end = pos + int(n) * self.dtype.itemsize
+                docs.append((int(index), np.frombuffer(data, dtype=self.dtype, count=int(n), offset=pos)))
+                pos = end
+            random.Random(f"kiln-data/{self.seed}/{self.split}/{b}").shuffle(docs)
+            for index, tokens in docs:
+                writer.add(f"{index:09d}", tokens)
+            del data, docs
+            path.unlink()
+            self.files[b] = None
+
+    def abort(self) -> None:
+        for f, path in zip(self.files, self.paths):
+            if f is not None:
+                f.close()
+            path.unlink(missing_ok=True)
+
+
+class _InOrder:
+    """The --no-shuffle sink: documents go straight to the shard writer in input order."""
+
+    def __init__(self, writer: "_ShardWriter"):
+        self.writer = writer
+
+    def add(self, index: int, tokens: np.ndarray) -> None:
+        self.writer.add(f"{index:09d}", tokens)
+
+    def drain(self, writer) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------- tokenizing
 
 def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
@@ -305,9 +392,12 @@ def build_dataset(
     sources: list[str] | None = None,
     workers: int = 1,
     progress: bool | None = False,
+    shuffle: bool = True,
+    seed: int = 0,
 ) -> BuildReport:
     """Tokenize `inputs` into shards under `out` and write its manifest last. `shard_size` is a
     ShardSize or its text ("2M", "64MB"); `shard_tokens` is the older spelling of a token target.
+    shuffle: documents shuffled across the output (seeded by `seed`); False keeps input order.
     On failure everything this call wrote is removed again."""
     start = time.perf_counter()
     size = _resolve_size(shard_size, shard_tokens)
@@ -320,8 +410,16 @@ def build_dataset(
     field_name, dtype = token_field(tokenizer.vocab_size)
     writers = {s: _ShardWriter(out, s, field_name, dtype, size) for s in ("train", "val")}
     policy = InputPolicy(on_error)
-    bar = _progress_bar(total_bytes(files), "tokenizing", progress)
+    input_bytes = total_bytes(files)
+    bar = _progress_bar(input_bytes, "tokenizing", progress)
     saved_tokenizer: Path | None = None
+    spill = out / ".shuffle-tmp"
+    if shuffle:
+        spill.mkdir(exist_ok=True)
+        buckets = shuffle_buckets(input_bytes, max_tokens, dtype.itemsize)
+        sinks = {s: _SpillShuffle(spill, s, dtype, buckets, seed) for s in writers}
+    else:
+        sinks = {s: _InOrder(w) for s, w in writers.items()}
     try:
         docs = iter_documents(files, policy, text_field=text_field, text_column=text_column,
                               progress=bar.update)
@@ -332,13 +430,13 @@ def build_dataset(
                 if len(tokens) == 0:
                     continue
                 if val_fraction > 0 and is_validation(doc.id, val_fraction):
-                    writers["val"].add(f"{i:09d}", tokens)
+                    sinks["val"].add(i, tokens)
                     val_docs += 1
                 else:
                     if pending is not None:
-                        writers["train"].add(*pending)
+                        sinks["train"].add(*pending)
                         train_docs += 1
-                    pending = (f"{i:09d}", tokens)
+                    pending = (i, tokens)
                 total += len(tokens)
                 if i % 64 == 0:
                     bar.set_postfix_str(f"{i + 1:,} docs, {total:,} tokens", refresh=False)
@@ -349,7 +447,11 @@ def build_dataset(
             # A small corpus may hash no document into val: give it the last one, so that eval
             # loss always exists, unless that would leave training with nothing.
             to_val = val_fraction > 0 and val_docs == 0 and train_docs > 0
-            writers["val" if to_val else "train"].add(*pending)
+            sinks["val" if to_val else "train"].add(*pending)
+        if shuffle:
+            bar.set_description_str("shuffling")
+        for s, w in writers.items():
+            sinks[s].drain(w)
         splits = {s: w.finish() for s, w in writers.items()}
         if not splits["train"]:
             raise _no_documents(inputs, files, policy.skipped)
@@ -361,18 +463,23 @@ def build_dataset(
             os.replace(tmp, saved_tokenizer)
         build = {"shard_size": str(size), "val_fraction": val_fraction, "max_tokens": max_tokens,
                  "text_field": text_field, "text_column": text_column, "on_error": on_error,
-                 "input_files": len(files), "skipped_inputs": len(policy.skipped)}
+                 "input_files": len(files), "skipped_inputs": len(policy.skipped),
+                 "shuffle": shuffle, "seed": seed}
         manifest = Manifest(out, tokenizer.to_manifest(), dtype.name, splits,
                             sources or [str(p) for p in inputs], build)
         manifest.write()
     except BaseException:  # KeyboardInterrupt too: never leave half a dataset behind
         for w in writers.values():
             w.abort()
+        for sink in sinks.values():
+            sink.abort()
         if saved_tokenizer is not None:
             saved_tokenizer.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
+        if shuffle:
+            shutil.rmtree(spill, ignore_errors=True)
     return BuildReport(manifest, workers, time.perf_counter() - start, len(files), policy.skipped)
 
 

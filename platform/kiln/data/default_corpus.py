@@ -20,7 +20,7 @@ from kiln.data.tokenizer import ByteTokenizer
 DEFAULT_MAX_TOKENS = 8_000_000
 DEFAULT_SHARD_TOKENS = 250_000
 DEFAULT_VAL_FRACTION = 0.05
-VERSION = "v1"
+VERSION = "v2"  # v2: documents shuffled by kiln-data
 
 
 def stdlib_source_files() -> list[Path]:

@@ -219,60 +219,146 @@ def read_documents(url: str, dtype: np.dtype, on_error: str = "raise",
 
 
 class ShardCursor:
-    """Endless documents from this reader's shards of one source; a new shard order each pass."""
+    """Endless documents from this reader's shards of one source, read several shards at once.
+
+    Each pass deals the reader's shards, in a fresh seeded order, into `open_shards` slots
+    (slot k reads order[k], order[k + K], ...). The pass's documents are a random merge of the
+    slots: each document comes from a slot drawn with probability proportional to the documents
+    it has left (the manifest's counts), so all slots run out together and every stretch of the
+    stream mixes K shards, wherever they lie in the corpus. A pass still reads every document of
+    the reader's shards exactly once. The draw is counter-based (a hash of seed, reader, source,
+    pass and draw number), so the state stays a few integers per slot."""
 
     def __init__(self, shards: list[str], dtype: np.dtype, seed: int, reader: int, source: int,
-                 on_error: str = "raise", state: dict | None = None, expected: dict | None = None):
+                 on_error: str = "raise", state: dict | None = None, expected: dict | None = None,
+                 open_shards: int = 1):
         if not shards:
             raise DataError(f"reader {reader} has no shards in source {source}")
         self.shards, self.dtype, self.on_error = shards, dtype, on_error
         self.expected = expected or {}  # url -> documents the manifest lists
         self.seed, self.reader, self.source = seed, reader, source
-        state = state or {}
+        self.k = max(1, min(int(open_shards), len(shards)))
+        state = _upgrade_cursor_state(state or {})
         self.epoch = state.get("epoch", 0)
-        self.index = state.get("index", 0)
-        self.offset = state.get("offset", 0)
+        self.slots = [dict(s) for s in state.get("slots", [])] or self._fresh_slots()
+        if len(self.slots) != self.k:
+            raise DataError(f"reader {reader}: the saved stream position reads {len(self.slots)} shard(s) at once, "
+                            f"this run {self.k} (data.open_shards); restore data.open_shards or set "
+                            f"data.resume_stream=false")
+        self.draws = state.get("draws", 0)
+        self.last = state.get("last", 0)  # the slot the last document came from
         self.stats = dict(state.get("stats", {}))
-        self._docs: Iterator[np.ndarray] | None = None
         self._pass_docs = state.get("pass_docs", 0)
+        self._open: list[Iterator[np.ndarray] | None] = [None] * self.k
+        self._lists_epoch, self._lists, self._left = None, [], []
+
+    def _fresh_slots(self) -> list[dict]:
+        return [{"index": 0, "offset": 0} for _ in range(self.k)]
 
     def order(self, epoch: int) -> list[str]:
         order = list(self.shards)
         _seeded(self.seed, "shards", self.source, self.reader, epoch).shuffle(order)
         return order
 
+    def _slot_lists(self) -> list[list[str]]:
+        """This pass's shards per slot, and per slot the documents left from each index on."""
+        if self._lists_epoch != self.epoch:
+            order = self.order(self.epoch)
+            self._lists = [order[k::self.k] for k in range(self.k)]
+            counted = self.expected and all(u in self.expected for u in self.shards)
+            self._left = []
+            for urls in self._lists:
+                sizes = [self.expected[u] if counted else 1 for u in urls]  # no counts: shards left
+                self._left.append([sum(sizes[i:]) for i in range(len(sizes))] + [0])
+            self._counted = counted
+            self._lists_epoch = self.epoch
+        return self._lists
+
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "offset": self.offset,
-                "pass_docs": self._pass_docs, "stats": dict(self.stats)}
+        return {"epoch": self.epoch, "slots": [dict(s) for s in self.slots], "draws": self.draws,
+                "last": self.last, "pass_docs": self._pass_docs, "stats": dict(self.stats)}
 
-    def current_url(self) -> str:
-        return self.order(self.epoch)[self.index]
+    def current_url(self, slot: int | None = None) -> str:
+        k = self.last if slot is None else slot
+        return self._slot_lists()[k][self.slots[k]["index"]]
 
-    def _open(self) -> None:
-        url = self.current_url()
-        self._docs = read_documents(url, self.dtype, self.on_error, self.stats, self.expected.get(url))
-        for _ in range(self.offset):  # resume mid-shard: skip what was already taken
-            if next(self._docs, None) is None:
+    def _choose(self) -> int | None:
+        """The slot of the next document (None: the pass is done)."""
+        lists = self._slot_lists()
+        weights = []
+        for k, slot in enumerate(self.slots):
+            if slot["index"] >= len(lists[k]):
+                weights.append(0)
+            else:
+                left = self._left[k][slot["index"]] - (slot["offset"] if self._counted else 0)
+                weights.append(max(left, 1))  # a shard shorter than its count stays choosable
+        total = sum(weights)
+        if total == 0:
+            return None
+        if self.k == 1:
+            return 0
+        h = hashlib.blake2b(f"{self.seed}/{self.reader}/{self.source}/{self.epoch}/{self.draws}".encode(),
+                            digest_size=8).digest()
+        target = int.from_bytes(h, "little") % total
+        for k, w in enumerate(weights):
+            if target < w:
+                return k
+            target -= w
+        return len(weights) - 1
+
+    def _reader_at(self, k: int, skip: int) -> Iterator[np.ndarray]:
+        url = self.current_url(k)
+        docs = read_documents(url, self.dtype, self.on_error, self.stats, self.expected.get(url))
+        for _ in range(skip):  # resume mid-shard: skip what was already taken
+            if next(docs, None) is None:
                 break
+        return docs
 
     def next_doc(self) -> np.ndarray:
         while True:
-            if self._docs is None:
-                self._open()
-            doc = next(self._docs, None)
-            if doc is not None:
-                self.offset += 1
-                self._pass_docs += 1
-                return doc
-            # shard exhausted: move on, reshuffling at the end of each pass
-            self._docs, self.offset = None, 0
-            self.index += 1
-            if self.index == len(self.shards):
+            k = self._choose()
+            if k is None:  # every slot has run out: the pass is done, reshuffle for the next
                 if self._pass_docs == 0:
                     raise DataError(
                         f"reader {self.reader}: none of its {len(self.shards)} shard(s) of source "
                         f"{self.source} yielded a document (all unreadable?), e.g. {self.shards[0]}")
-                self.epoch, self.index, self._pass_docs = self.epoch + 1, 0, 0
+                self.epoch, self.draws, self._pass_docs = self.epoch + 1, 0, 0
+                self.slots = self._fresh_slots()
+                continue
+            self.draws += 1
+            slot = self.slots[k]
+            if self._open[k] is None:
+                self._open[k] = self._reader_at(k, slot["offset"])
+            doc = next(self._open[k], None)
+            if doc is None:  # the slot's shard is exhausted: on to its next one
+                self._open[k] = None
+                slot["index"], slot["offset"] = slot["index"] + 1, 0
+                continue
+            slot["offset"] += 1
+            self._pass_docs += 1
+            self.last = k
+            return doc
+
+    def reread_last(self) -> np.ndarray:
+        """The last document taken, read again (restoring a packer's carry-over); the cursor's
+        position and counters are left as they were."""
+        k = self.last
+        docs = self._reader_at(k, self.slots[k]["offset"] - 1)
+        doc = next(docs, None)
+        if doc is None:
+            raise DataError(f"shard {self.current_url(k)} changed since the stream position was saved: "
+                            f"it no longer holds document {self.slots[k]['offset']}")
+        self._open[k] = docs
+        return doc
+
+
+def _upgrade_cursor_state(state: dict) -> dict:
+    """Stream states saved before shards were read several at a time (one cursor: epoch,
+    index, offset) are a single slot's position."""
+    if "slots" in state or "index" not in state:
+        return state
+    return {"epoch": state["epoch"], "slots": [{"index": state["index"], "offset": state["offset"]}],
+            "draws": 0, "last": 0, "pass_docs": state.get("pass_docs", 0), "stats": state.get("stats", {})}
 
 
 def block_dtype(dtypes, eos_id: int) -> np.dtype:
@@ -302,9 +388,7 @@ class BlockPacker:
         carry_len = (state or {}).get("carry_len", 0)
         if carry_len:
             saved = cursor.state()
-            cursor.offset -= 1  # step back onto the document the carry came from
-            cursor._pass_docs -= 1
-            doc = cursor.next_doc()
+            doc = cursor.reread_last()  # the document the carry came from
             cursor.stats = saved["stats"]  # re-reading must not count skipped data twice
             self._doc, self._pos = doc, len(doc) + 1 - carry_len
 
@@ -361,14 +445,14 @@ class MixedStream:
     """Blocks drawn from several sources with fixed weights."""
 
     def __init__(self, sources: list[dict], *, reader: int, seed: int, block: int, eos_id: int,
-                 on_error: str, state: dict | None = None):
+                 on_error: str, state: dict | None = None, open_shards: int = 1):
         state = state or {}
         saved = state.get("sources", [{} for _ in sources])
         dtype = block_dtype([src["dtype"] for src in sources], eos_id)
         self.packers = []
         for s, (src, st) in enumerate(zip(sources, saved)):
             cursor = ShardCursor(src["shards"], np.dtype(src["dtype"]), seed, reader, s, on_error,
-                                 st.get("cursor"), src.get("documents"))
+                                 st.get("cursor"), src.get("documents"), open_shards)
             self.packers.append(BlockPacker(cursor, block, eos_id, st, dtype=dtype))
         total = sum(src["weight"] for src in sources)
         acc, self.cumulative = 0.0, []

@@ -27,7 +27,10 @@ from kiln.errors import DataError
 __all__ = ["StreamSpec", "ResumableLoader", "assign_shards", "read_documents", "pack", "val_batches",
            "train_loader"]
 
-STATE_VERSION = 1
+# 2: a cursor reads several shards at once (per-slot positions). Version 1 states (one shard at a
+# time) are still read: they are a single slot's position.
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def assign_shards(urls: list[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
@@ -54,11 +57,12 @@ class StreamSpec:
     shuffle_window: int
     on_error: str = "raise"
     fingerprint: str = ""
+    open_shards: int = 1  # shards each reader reads at once (data.open_shards)
 
     def identity(self) -> dict:
         """What must match for a saved stream position to mean the same thing again."""
         return {"fingerprint": self.fingerprint, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "seed": self.seed, "shuffle_window": self.shuffle_window,
+                "seed": self.seed, "shuffle_window": self.shuffle_window, "open_shards": self.open_shards,
                 "weights": [s["weight"] for s in self.sources]}
 
 
@@ -92,7 +96,8 @@ class TrainStream(IterableDataset):
 
         def make_stream(state):
             return MixedStream(sources, reader=reader, seed=spec.seed, block=spec.seq_len + 1,
-                               eos_id=spec.eos_id, on_error=spec.on_error, state=state)
+                               eos_id=spec.eos_id, on_error=spec.on_error, state=state,
+                               open_shards=spec.open_shards)
 
         shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
                                 state=self.reader_states.get(role))
@@ -201,7 +206,7 @@ def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int)
     uninterrupted order, so kiln refuses rather than silently repeating or skipping documents."""
     deliberately = ("to continue anyway, set data.resume_stream=false: the data stream starts over "
                     "(documents already seen may be seen again)")
-    if state.get("version") != STATE_VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise DataError(f"saved data-stream state has version {state.get('version')}, expected {STATE_VERSION}; "
                         + deliberately)
     if state.get("fingerprint") != spec.fingerprint:
@@ -215,19 +220,24 @@ def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int)
             f"DataLoader worker(s) per rank, this run has {world} x {num_workers}. Resume with "
             f"launcher.num_workers={state.get('world')} data.num_workers={state.get('num_workers')}, or "
             + deliberately)
+    config_key = {"seq_len": "data.seq_len", "batch_size": "trainer.micro_batch_size", "seed": "trainer.seed",
+                  "shuffle_window": "data.shuffle_buffer", "open_shards": "data.open_shards"}
     for key, value in spec.identity().items():
-        if key != "fingerprint" and state.get(key) != value:
-            raise DataError(f"the data stream was saved with {key}={state.get(key)}, this run has {value}; "
-                            f"restore it, or " + deliberately)
+        saved = state.get(key, 1 if key == "open_shards" else None)  # version 1: one shard at a time
+        if key != "fingerprint" and saved != value:
+            where = config_key.get(key, "the mixture weights")
+            setting = f" ({where}={saved})" if key in config_key else ""
+            raise DataError(f"the data stream was saved with {key}={saved}, this run has {value}; "
+                            f"restore it{setting}, or " + deliberately)
 
 
 def train_loader(urls: list[str], *, rank: int, world: int, num_workers: int, seq_len: int, batch_size: int,
                  eos_id: int, dtype: str, seed: int, shuffle_buffer: int, on_error: str = "raise",
-                 state: dict | None = None) -> ResumableLoader:
+                 state: dict | None = None, open_shards: int = 1) -> ResumableLoader:
     """One source, convenience form."""
     spec = StreamSpec(sources=({"name": "data", "shards": tuple(urls), "dtype": dtype, "weight": 1.0},),
                       seq_len=seq_len, batch_size=batch_size, eos_id=eos_id, seed=seed,
-                      shuffle_window=shuffle_buffer, on_error=on_error)
+                      shuffle_window=shuffle_buffer, on_error=on_error, open_shards=open_shards)
     return ResumableLoader(spec, rank=rank, world=world, num_workers=num_workers, state=state)
 
 
