@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from kiln.context import Context
 from kiln.data.plan import DataPlan, plan_data
-from kiln.data.stream import ResumableLoader, val_batches
-from kiln.engine.build import build_engine
+from kiln.data.stream import ResumableLoader
+from kiln.data.validation import eval_set
+from kiln.engine.build import build_engine, needs_own_grad_norm
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.tracking.tracker import NullTracker, Tracker
 
@@ -29,6 +30,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Each rank's seed after model init (dropout masks, sampling): distinct per rank and per run
+    seed, derived from both (seed + rank would give run seed 1's rank 1 the stream of seed 2's rank 0)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
 def mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().float().clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -37,42 +44,91 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def train_step(engine, batches, device: torch.device, grad_accum: int) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns their mean loss (local)."""
+def local_grad_norm(engine) -> torch.Tensor:
+    """2-norm of the gradients DeepSpeed is about to clip and apply. Called after the boundary
+    micro-batch's backward, where ZeRO-0 has all-reduced them: the global pre-clipping norm,
+    the same on every rank. Stays on the device (no host sync)."""
+    params = list(engine.module.parameters())
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    if not norms:
+        return torch.zeros((), device=params[0].device)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def train_step(engine, batches, device: torch.device, grad_accum: int, own_norm: bool = False
+               ) -> tuple[torch.Tensor, object]:
+    """One optimizer step over `grad_accum` micro-batches. Returns their mean loss (local) and
+    the step's global gradient norm before clipping (a tensor or a float; None if unknown)."""
     total = torch.zeros((), device=device)
-    for _ in range(grad_accum):
+    norm = None
+    for i in range(grad_accum):
         x, y = next(batches)
         _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         engine.backward(loss)
+        if own_norm and i == grad_accum - 1:
+            norm = local_grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().float()
-    return total / grad_accum
+    if not own_norm:
+        norm = engine.get_global_grad_norm()
+    return total / grad_accum, norm
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: dict, plan: DataPlan, ctx: Context) -> float:
-    """Mean loss over the same validation batches every time; every rank takes part (ZeRO-3
-    gathers parameters collectively inside forward)."""
-    tr = cfg["trainer"]
+def evaluate(engine, batches: list) -> float:
+    """Mean loss over this rank's fixed validation batches, averaged over ranks; every rank
+    takes part (ZeRO-3 gathers parameters collectively inside forward)."""
     engine.eval()
-    total = torch.zeros((), device=ctx.device)
-    batches = val_batches(
-        plan.val_urls, rank=ctx.rank, world=ctx.world_size, seq_len=cfg["data"]["seq_len"],
-        batch_size=tr["micro_batch_size"], num_batches=tr["eval_batches"], eos_id=plan.tokenizer.eos_id,
-        dtype=plan.val_dtype, on_error=cfg["data"]["on_error"],
-    )
+    total = torch.zeros((), device=batches[0][0].device)
     for x, y in batches:
-        _, loss = engine(x.to(ctx.device), y.to(ctx.device))
+        _, loss = engine(x, y)
         total += loss.float()
     engine.train()
-    return mean_across_ranks(total / tr["eval_batches"])
+    return mean_across_ranks(total / len(batches))
 
 
-def grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
+def as_float(value) -> float | None:
+    if value is None:
         return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+class GradWatch:
+    """Counts the steps since the last check whose gradient norm was not finite, on the device
+    (no host sync per step). Under fp16 a non-finite norm is loss scaling at work (DeepSpeed
+    skips the step and lowers the scale), so it does not count there."""
+
+    def __init__(self, device: torch.device, dtype: str):
+        self.device, self.counts = device, dtype != "fp16"
+        self.on_device = torch.zeros((), device=device)
+        self.on_host = 0
+
+    def add(self, norm) -> None:
+        if not self.counts or norm is None:
+            return
+        if torch.is_tensor(norm):
+            self.on_device += (~torch.isfinite(norm.detach().float())).float().to(self.device)
+        elif not math.isfinite(float(norm)):
+            self.on_host += 1
+
+    def total(self) -> torch.Tensor:
+        return self.on_device + self.on_host
+
+    def reset(self) -> None:
+        self.on_device.zero_()
+        self.on_host = 0
+
+
+def reduce_check(interval_loss: torch.Tensor, interval_steps: int, watch: GradWatch) -> tuple[float, int]:
+    """Mean loss of the steps since the last log, and the number of steps since the last check
+    with a non-finite gradient norm on any rank: one all-reduce (a collective: every rank calls
+    this at the same steps; it also syncs the device)."""
+    t = torch.stack([interval_loss.detach().float() / interval_steps, watch.total().float()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t[0] /= dist.get_world_size()
+    loss, bad = t.tolist()
+    return loss, int(bad)
 
 
 def data_metrics(batches: ResumableLoader, plan: DataPlan, device: torch.device) -> dict:
@@ -106,18 +162,26 @@ def model_shape(model: GPT) -> dict:
             "vocab_size": c.vocab_size, "bias": c.bias}
 
 
-def check_finite(loss: float, grad: float | None, step: int, engine, dtype: str) -> None:
+def check_finite(loss: float, grad: float | None, bad_steps: int, step: int, since: int, lr: float) -> None:
     """A diverged run stops with an error (its last checkpoint kept) instead of training on NaNs.
-    Without fp16's loss scaling a non-finite gradient norm means DeepSpeed skipped the step: the
-    run has diverged too. Both values are global (the same on every rank): all ranks stop together."""
-    bad_grad = dtype != "fp16" and grad is not None and not math.isfinite(grad)
-    if math.isfinite(loss) and not bad_grad:
+    Checked on every step that logs, evaluates or saves, so no checkpoint is ever written from a
+    diverged run: `loss` is the mean loss of the steps since the last log, `bad_steps` counts the
+    steps after `since` whose gradient norm was not finite (outside fp16, where loss scaling
+    makes that normal, a non-finite norm means DeepSpeed skipped the step: the run has diverged).
+    All values are global (the same on every rank): all ranks stop together."""
+    if math.isfinite(loss) and not bad_steps:
         return
     from kiln.errors import TrainingError
 
-    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad} (loss {loss:.4g})"
+    if not math.isfinite(loss):
+        what = f"the loss is {loss} at step {step}"
+    elif grad is not None and not math.isfinite(grad):
+        what = f"the gradient norm is {grad} (loss {loss:.4g}) at step {step}"
+    else:
+        what = (f"the gradient norm was not finite at {bad_steps} step(s) of steps {since + 1}-{step} "
+                f"(loss {loss:.4g}) at step {step}")
     raise TrainingError(
-        f"training diverged: {what} at step {step} (lr {float(engine.get_lr()[0]):.2e}); no checkpoint "
+        f"training diverged: {what} (lr {lr:.2e}); no checkpoint "
         f"was written after it. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, then "
         f"start a new run (trainer.run_name) or resume from an earlier checkpoint")
 
@@ -138,7 +202,11 @@ def train(cfg: dict, ctx: Context) -> dict:
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     if cfg["model"].get("init_from"):
         load_init_weights(model, cfg["model"]["init_from"], shape)
+    # From here on each rank draws its own random numbers (dropout masks differ across ranks).
+    # A resumed rank restores its own saved RNG state below.
+    seed_everything(rank_seed(tr["seed"], ctx.rank))
     engine, _ = build_engine(model, cfg, ctx.world_size, cfg["optim"]["weight_decay"])
+    own_norm = needs_own_grad_norm(engine)
 
     meta, loop_state = {}, {}
     with ctx.checkpoints.latest() as ckpt:
@@ -157,14 +225,21 @@ def train(cfg: dict, ctx: Context) -> dict:
     if ctx.is_main:
         print_line(f"model: {n_params:,} parameters; {ctx.world_size} rank(s) on {ctx.device}; "
                    f"ZeRO-{cfg['parallelism']['zero_stage']} {cfg['precision']['dtype']}")
+        for warning in plan.warnings:
+            print_line(f"warning: {warning}")
 
     max_steps, grad_accum = tr["max_steps"], tr["grad_accum_steps"]
     tokens_per_step = tr["micro_batch_size"] * grad_accum * data["seq_len"] * ctx.world_size
+    # The running loss of the current log interval continues across a resume (its steps' losses
+    # are real); throughput counts only the steps timed in this process.
     interval_loss = loop_state.get("interval_loss", torch.zeros(())).to(ctx.device)
     interval_steps = loop_state.get("interval_steps", 0)
-    interval_start = time.perf_counter()
+    timed_steps, interval_start = 0, time.perf_counter()
     last: dict = dict(loop_state.get("last", {}))
     throughput: list[float] = list(loop_state.get("throughput", []))
+    first_here = len(throughput)
+    watch, checked_at = GradWatch(ctx.device, cfg["precision"]["dtype"]), start_step
+    val: list | None = None  # this rank's evaluation batches, read at the first eval and kept
     stopped_at = None
 
     def save(step: int, metrics: dict) -> None:
@@ -182,33 +257,48 @@ def train(cfg: dict, ctx: Context) -> dict:
 
     try:
         for step in range(start_step + 1, max_steps + 1):
-            interval_loss += train_step(engine, batches, ctx.device, grad_accum)
+            lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves after it)
+            step_loss, norm = train_step(engine, batches, ctx.device, grad_accum, own_norm)
+            interval_loss += step_loss
             interval_steps += 1
+            timed_steps += 1
+            watch.add(norm)
             stop = any_rank(ctx.stop_requested(), ctx.device)
             do_log = step % tr["log_interval"] == 0 or step == max_steps or stop
             do_eval = step % tr["eval_interval"] == 0 or step == max_steps
             do_save = (tr["checkpoint_interval"] > 0 and step % tr["checkpoint_interval"] == 0) or step == max_steps or stop
             metrics = {"step": step}
+            if do_log or do_eval or do_save:  # never save (nor log) without checking for divergence
+                loss, bad_steps = reduce_check(interval_loss, interval_steps, watch)  # also syncs the device
+                grad = as_float(norm)
+                check_finite(loss, grad, bad_steps, step, checked_at, lr)
+                watch.reset()
+                checked_at = step
             if do_log or do_eval:
-                loss = mean_across_ranks(interval_loss / interval_steps)  # also syncs the device
                 elapsed = time.perf_counter() - interval_start
                 metrics.update({
                     "loss": loss,
-                    "lr": float(engine.get_lr()[0]),
-                    "grad_norm": grad_norm(engine),
+                    "lr": lr,
+                    "grad_norm": grad,
                     "tokens": step * tokens_per_step,
-                    "tokens_per_s": interval_steps * tokens_per_step / elapsed,
+                    "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                 })
-                check_finite(loss, metrics["grad_norm"], step, engine, cfg["precision"]["dtype"])
                 metrics.update(data_metrics(batches, plan, ctx.device))
                 throughput.append(metrics["tokens_per_s"])
                 if do_eval:
-                    metrics["eval_loss"] = evaluate(engine, cfg, plan, ctx)
+                    if val is None:
+                        val = eval_set(plan.val_urls, rank=ctx.rank, world=ctx.world_size, seq_len=data["seq_len"],
+                                       batch_size=tr["micro_batch_size"], num_batches=tr["eval_batches"],
+                                       eos_id=plan.tokenizer.eos_id, dtype=plan.val_dtype,
+                                       on_error=data["on_error"], device=ctx.device)
+                    metrics["eval_loss"] = evaluate(engine, val)
+                    if plan.val_split != "val":
+                        metrics["eval_split"] = plan.val_split  # labelled: not a validation loss
                     last["eval_loss"] = metrics["eval_loss"]
                 tracker.log(metrics)
                 last.update(loss=loss, step=step)
                 interval_loss.zero_()
-                interval_steps = 0
+                interval_steps = timed_steps = 0
                 interval_start = time.perf_counter()  # eval time is not train time
             if do_save:
                 began = time.perf_counter()
@@ -222,14 +312,17 @@ def train(cfg: dict, ctx: Context) -> dict:
     finally:
         batches.close()  # stop reader processes before interpreter exit
 
-    # The first interval includes warm-up (allocations, JIT); leave it out when there are others.
-    steady = throughput[1:] or throughput
+    # This process's intervals; its first includes warm-up (allocations, JIT): left out when
+    # there are others. (A resumed run that logged nothing falls back to the restored history.)
+    here = throughput[first_here:]
+    steady = here[1:] or here or throughput[1:] or throughput
     summary = {
         "steps": last.get("step", start_step),
         "resumed_from_step": start_step or None,
         "stopped_early_at": stopped_at,
         "final_loss": last.get("loss"),
         "final_eval_loss": last.get("eval_loss"),
+        "eval_split": plan.val_split,
         "tokens": last.get("step", start_step) * tokens_per_step,
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
         "parameters": n_params,

@@ -68,6 +68,11 @@ def load_checkpoint(ckpt: Path, *, engine, rank: int, world_size: int) -> tuple[
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ckpt}/ds (tag step{meta['step']})")
     _realign_optimizer_state(engine)
+    schedule = getattr(engine, "lr_scheduler", None)
+    if hasattr(schedule, "apply"):
+        # kiln's scheduler (engine/schedule.py) came back with its step count; DeepSpeed may load
+        # the optimizer's own param groups after it: the next step's rate is the schedule's.
+        schedule.apply()
     state = torch.load(Path(ckpt) / "kiln" / f"rank_{rank}.pt", weights_only=False)
     return meta, state
 

@@ -8,7 +8,8 @@ import sys
 def format_line(m: dict, max_steps: int) -> str:
     parts = [f"step {m['step']:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}"]
     if "eval_loss" in m:
-        parts.append(f"eval {m['eval_loss']:.4f}")
+        split = m.get("eval_split")
+        parts.append(f"eval {m['eval_loss']:.4f}" + (f" (on {split} shards)" if split else ""))
     parts.append(f"lr {m['lr']:.2e}")
     if m.get("grad_norm") is not None:
         parts.append(f"grad {m['grad_norm']:.3f}")

@@ -1,0 +1,198 @@
+"""The training loop's bookkeeping, read back from what runs write (metrics.jsonl, summary.json,
+checkpoints): learning rates, gradient norms, divergence checks, the evaluation set, throughput
+after a resume, per-rank RNG streams. Most runs are launcher=local inside the test process
+(kiln-train's own steps, without a subprocess); the one with two ranks goes through Ray."""
+
+import json
+import re
+import signal
+import types
+
+import pytest
+import torch
+
+from conftest import assert_ok, compose_config, kiln_train
+from kiln.engine.schedule import lr_at, schedule_params
+from kiln.tracking.jsonl import read_jsonl
+
+pytestmark = pytest.mark.integration
+
+BASE = ["launcher=local", "model=tiny", "logger=none", "data.num_workers=0", "trainer.micro_batch_size=4"]
+
+
+def run_in_process(overrides: list[str], tmp_path, name: str) -> dict:
+    """kiln-train's steps for launcher=local (validate, resolve the data, resume policy, run),
+    in this process. Returns the summary; the run's files are under tmp_path / name."""
+    from kiln.cli.train import check_resume, resolve_data
+    from kiln.config.validate import validate_config
+    from kiln.launch.local import run_local
+
+    cfg = compose_config([*BASE, f"launcher.storage_path={tmp_path / 'ck'}", *overrides])
+    validate_config(cfg)
+    cfg["output_dir"] = str(tmp_path / name)
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    plan = resolve_data(cfg)
+    resume_from = check_resume(cfg, plan)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return run_local(cfg, resume_from)
+    finally:
+        for s, h in handlers.items():  # run_local installs kiln's stop handler
+            signal.signal(s, h)
+
+
+def records(tmp_path, name: str) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(tmp_path / name / "metrics.jsonl")}
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path, small_dataset):
+    args = [f"data.path={small_dataset}", "trainer.max_steps=8", "optim.warmup_steps=4", "trainer.log_interval=1",
+            "trainer.eval_interval=8", "precision=fp32"]
+    run_in_process(args, tmp_path, "run")
+    got = records(tmp_path, "run")
+    p = schedule_params(compose_config([*BASE, *args]))
+    assert [got[s]["lr"] for s in range(1, 9)] == [lr_at(s, **p) for s in range(1, 9)]
+    assert got[1]["lr"] == p["lr"] / 4 and got[8]["lr"] == pytest.approx(p["lr"] * p["min_lr_ratio"])
+
+
+@pytest.mark.parametrize("overrides", [["optim.warmup_steps=0", "trainer.max_steps=3"], ["trainer.max_steps=1"]])
+def test_no_warmup_and_one_step_runs_train(tmp_path, small_dataset, overrides):
+    summary = run_in_process([f"data.path={small_dataset}", "trainer.log_interval=1", *overrides], tmp_path, "run")
+    got = records(tmp_path, "run")
+    n = summary["steps"]
+    assert n == int(overrides[-1].split("=")[1]) and sorted(got) == list(range(1, n + 1))
+    p = schedule_params(compose_config([*BASE, *overrides]))
+    assert [got[s]["lr"] for s in got] == [lr_at(s, **p) for s in got] and all(got[s]["lr"] > 0 for s in got)
+
+
+def test_zero0_bf16_runs_with_grad_norms(tmp_path, small_dataset):
+    summary = run_in_process([f"data.path={small_dataset}", "parallelism=zero0", "precision=bf16",
+                              "trainer.max_steps=6", "trainer.log_interval=2", "trainer.grad_accum_steps=2",
+                              "trainer.eval_interval=6"], tmp_path, "run")
+    got = records(tmp_path, "run")
+    assert sorted(got) == [2, 4, 6] and summary["steps"] == 6
+    for r in got.values():
+        assert isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 and r["loss"] > 0
+    assert isinstance(got[6]["eval_loss"], float)
+
+
+def test_zero0_fp32_grad_norm_is_the_global_norm_before_clipping(tmp_path, small_dataset):
+    """ZeRO-0 in fp32 steps the plain torch optimizer, which records no norm: kiln computes it.
+    The same first step under ZeRO-2 (whose norm DeepSpeed computes) gives the same norm, and it
+    is above optim.grad_clip=1.0, so it is the norm before clipping."""
+    norms = {}
+    for stage in (0, 2):
+        run_in_process([f"data.path={small_dataset}", f"parallelism=zero{stage}", "precision=fp32",
+                        "trainer.max_steps=2", "trainer.log_interval=1", f"trainer.run_name=z{stage}"],
+                       tmp_path, f"z{stage}")
+        norms[stage] = [records(tmp_path, f"z{stage}")[s]["grad_norm"] for s in (1, 2)]
+    assert all(isinstance(n, float) for n in norms[0]), norms
+    assert norms[0][0] == pytest.approx(norms[2][0], rel=1e-5) and norms[0][0] > 1.0
+    assert norms[0][1] == pytest.approx(norms[2][1], rel=1e-3)
+
+
+def test_diverged_run_never_saves_a_checkpoint_past_the_divergence(tmp_path, small_dataset):
+    """Checkpoints every step, progress logged only at the end: each save is checked."""
+    from kiln.errors import TrainingError
+
+    args = [f"data.path={small_dataset}", "precision=fp32", "optim.lr=1e6", "optim.warmup_steps=1",
+            "trainer.max_steps=10", "trainer.eval_interval=1000"]
+    with pytest.raises(TrainingError) as every_step:  # the reference: checked at every step
+        run_in_process([*args, "trainer.log_interval=1", "trainer.checkpoint_interval=0",
+                        "trainer.run_name=ref"], tmp_path, "ref")
+    bad = int(re.search(r"at step (\d+)", str(every_step.value)).group(1))
+    assert 1 < bad < 10 and all(s < bad for s in records(tmp_path, "ref"))
+
+    with pytest.raises(TrainingError) as saving:
+        run_in_process([*args, "trainer.log_interval=100", "trainer.checkpoint_interval=1",
+                        "trainer.keep_checkpoints=0", "trainer.run_name=saving"], tmp_path, "saving")
+    assert "training diverged" in str(saving.value) and f"at step {bad}" in str(saving.value)
+    saved = sorted(int(p.name[5:]) for p in (tmp_path / "ck" / "saving").glob("step_*"))
+    assert saved == list(range(1, bad)), saved  # every step before the divergence, none from it on
+    for step in saved:
+        states = torch.load(next((tmp_path / "ck" / "saving" / f"step_{step:09d}" / "ds").rglob("*model_states.pt")),
+                            weights_only=False)["module"]
+        assert all(torch.isfinite(v).all() for v in states.values() if v.is_floating_point())
+
+
+def test_eval_set_is_read_once_per_run(tmp_path, small_dataset, monkeypatch):
+    import kiln.data.validation as validation
+    from kiln.data.manifest import load_manifest
+
+    val = set(load_manifest(small_dataset).urls("val"))
+    opened = []
+    real = validation.read_documents
+
+    def counting(url, *a, **kw):
+        opened.append(url)
+        return real(url, *a, **kw)
+
+    monkeypatch.setattr(validation, "read_documents", counting)
+    run_in_process([f"data.path={small_dataset}", "trainer.max_steps=6", "trainer.eval_interval=2",
+                    "trainer.log_interval=2", "trainer.eval_batches=2"], tmp_path, "run")
+    evals = [r["eval_loss"] for r in records(tmp_path, "run").values() if "eval_loss" in r]
+    assert len(evals) == 3 and set(opened) <= val
+    assert len(opened) == len(val), f"the validation shards were read {len(opened)} times for {len(val)} shard(s)"
+
+
+def test_no_validation_split_is_labelled_train(tmp_path, capsys):
+    from conftest import stdlib_files
+    from kiln.data.build import build_shards
+    from kiln.data.tokenizer import ByteTokenizer
+
+    data = tmp_path / "noval"
+    build_shards([str(p) for p in stdlib_files(12)], data, ByteTokenizer(), val_fraction=0.0, shard_tokens=50_000)
+    summary = run_in_process([f"data.path={data}", "trainer.max_steps=2", "trainer.log_interval=1"], tmp_path, "run")
+    got = records(tmp_path, "run")
+    assert got[2]["eval_split"] == "train" and "eval_split" not in got[1] and "eval_loss" in got[2]
+    assert summary["eval_split"] == "train"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval_split"] == "train"
+    out = capsys.readouterr().out
+    assert "warning: no validation split" in out and "--val-fraction" in out and "(on train shards)" in out
+
+
+def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_dataset, monkeypatch):
+    """A clock that advances one second per training step: tokens/s must equal the tokens of one
+    step in every interval, also the first after resuming from a checkpoint taken between logs."""
+    import kiln.loop as loop
+
+    clock = {"now": 0.0}
+    real_step = loop.train_step
+
+    def timed_step(*a, **kw):
+        clock["now"] += 1.0
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    args = [f"data.path={small_dataset}", "precision=fp32", "trainer.max_steps=10", "trainer.log_interval=5",
+            "trainer.checkpoint_interval=3", "trainer.keep_checkpoints=0", "trainer.eval_interval=1000"]
+    run_in_process([*args, "trainer.run_name=full"], tmp_path, "full")
+    step3 = tmp_path / "ck" / "full" / "step_000000003"
+    summary = run_in_process([*args, "trainer.run_name=again", f"trainer.resume={step3}"], tmp_path, "again")
+    full, again = records(tmp_path, "full"), records(tmp_path, "again")
+    cfg = compose_config([*BASE, *args])
+    per_step = cfg["trainer"]["micro_batch_size"] * cfg["data"]["seq_len"]  # one rank, no accumulation
+    assert sorted(again) == [5, 10] and summary["resumed_from_step"] == 3
+    for r in (*full.values(), *again.values()):
+        assert r["tokens_per_s"] == per_step, (r["step"], r["tokens_per_s"])
+    assert summary["tokens_per_s"] == per_step
+    assert again[5]["loss"] == full[5]["loss"]  # the interval's loss still spans steps 1-5
+
+
+@pytest.mark.timeout(600)
+def test_ray_zero0_bf16_two_ranks_dropout_draws_differ(tmp_path, small_dataset):
+    """ZeRO-0 in bf16 on two Ray workers trains and logs gradient norms; with dropout each rank
+    draws its own masks (its own RNG stream after the shared-seed model init)."""
+    run = tmp_path / "run"
+    proc = kiln_train(["model=tiny", "parallelism=zero0", "precision=bf16", "model.dropout=0.1",
+                       f"data.path={small_dataset}", "trainer.max_steps=4", "trainer.log_interval=2",
+                       "trainer.eval_interval=4", "logger=none", "data.num_workers=1"], run)
+    assert_ok(proc)
+    got = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in got] == [2, 4]
+    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in got)
+    final = tmp_path / "run-checkpoints" / "kiln" / "step_000000004" / "kiln"
+    states = [torch.load(final / f"rank_{r}.pt", weights_only=False)["rng"] for r in (0, 1)]
+    assert not torch.equal(states[0]["torch"], states[1]["torch"]), "both ranks drew the same random numbers"
+    assert states[0]["numpy"][1].tolist() != states[1]["numpy"][1].tolist()
