@@ -158,7 +158,7 @@ def test_sample_crops_context_and_is_greedy_at_temperature_zero():
 @pytest.mark.parametrize("source", ["export", "ckpt"])
 def test_init_from_starts_a_new_run_from_the_weights(base, source):
     """The new run's first loss is the trained model's, far below a from-scratch first loss,
-    while its optimizer and LR schedule start over (lr 0 at step 1, warmup after)."""
+    while its optimizer and LR schedule start over (step 1 at the first warmup value)."""
     name = f"from_{source}"
     storage = base["root"] / f"ckpt_{name}"
     run = base["root"] / name
@@ -170,8 +170,9 @@ def test_init_from_starts_a_new_run_from_the_weights(base, source):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["loss"] < scratch[0]["loss"] - 1.5, (records[0]["loss"], scratch[0]["loss"])
     assert records[0]["loss"] < scratch[-1]["loss"] + 0.5
-    assert records[0]["lr"] == scratch[0]["lr"] == 0.0  # a fresh schedule, warming up from 0
-    assert 0 < records[1]["lr"] < LR
+    # A fresh schedule: step 1 takes the first warmup value (warmup 5 capped at max_steps - 1 = 2 here;
+    # the 30-step base run's step 1 took LR / 5), not the base run's rate where it ended.
+    assert records[0]["lr"] == LR / 2 and records[1]["lr"] == LR and scratch[0]["lr"] == LR / 5
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from_step"] is None and summary["steps"] == 3
     assert only_checkpoint(storage, name).name == "step_000000003"
