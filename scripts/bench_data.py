@@ -12,7 +12,7 @@ What it does, all on this machine and nothing downloaded:
    the same text cut at blank lines into short documents (~1.4 KB); `chunks-bpe`, those chunks
    with a byte-level BPE trained here (--no-bpe leaves it out). Short documents are the hard case
    for a loader: its cost is mostly per document, not per token.
-2. The loader: ResumableLoader at training settings (--seq-len, --batch-size, --window), after a
+2. The loader: ResumableLoader at training settings (--seq-len, --batch-size, --settings), after a
    warm-up of two shuffle windows, for --seconds each. num_workers=0 runs it in this process, on
    one core: that is the tokens/s per core. num_workers=1 and 2 are for reference; the CPU time
    of this process and its DataLoader workers says how many cores they really used.
@@ -191,15 +191,18 @@ def describe(d: Path) -> dict:
             "dtype": m.token_dtype}
 
 
-def spec_for(d: Path, seq_len: int, batch: int, window: int, open_shards: int = 1) -> StreamSpec:
+def spec_for(d: Path, seq_len: int, batch: int, window: int, open_shards: int = 1,
+             open_documents: int = 1) -> StreamSpec:
     src = resolve_source(str(d))
     eos = load_source_tokenizer(src, "/nonexistent").eos_id  # local data: nothing is fetched
     return StreamSpec(sources=(src.to_stream(),), seq_len=seq_len, batch_size=batch, eos_id=eos, seed=1337,
-                      shuffle_window=window, fingerprint=fingerprint([src]), open_shards=open_shards)
+                      shuffle_window=window, fingerprint=fingerprint([src]), open_shards=open_shards,
+                      open_documents=open_documents)
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """'256:1,4096:16' -> [(window, open_shards), ...]; 'default' is kiln's defaults."""
+def parse_settings(text: str) -> list[tuple[int, int, int]]:
+    """'256:1:1,4096:16:64' -> [(window, open_shards, open_documents), ...]; 'default' is kiln's
+    defaults."""
     from kiln.config.schema import DataConfig
 
     out = []
@@ -207,10 +210,10 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
         item = item.strip()
         if item == "default":
             d = DataConfig()
-            out.append((d.shuffle_buffer, d.open_shards))
+            out.append((d.shuffle_buffer, d.open_shards, d.open_documents))
         elif item:
-            w, k = item.split(":")
-            out.append((int(w), int(k)))
+            w, k, n = (item.split(":") + ["1", "1"])[:3]
+            out.append((int(w), int(k), int(n)))
     return out
 
 
@@ -291,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpe-vocab", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences)")
-    ap.add_argument("--settings", default="256:1,default",
-                    help="stream settings to measure side by side, WINDOW:OPEN_SHARDS (data.shuffle_buffer:"
-                         "data.open_shards), comma-separated; 'default' is kiln's defaults; 256:1 is the stream "
-                         "before issue 9 (default: 256:1,default)")
+    ap.add_argument("--settings", default="256:1:1,default",
+                    help="stream settings to measure side by side, WINDOW:OPEN_SHARDS:OPEN_DOCUMENTS "
+                         "(data.shuffle_buffer, data.open_shards, data.open_documents), comma-separated; "
+                         "'default' is kiln's defaults; 256:1:1 is the stream before issue 9 "
+                         "(default: 256:1:1,default)")
     ap.add_argument("--workers", default="0,1,2", help="DataLoader workers to measure (default 0,1,2)")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per loader measurement")
     ap.add_argument("--models", default="tiny,mini", help="trainer models: tiny, mini, gpt2-small (slow)")
@@ -354,30 +358,31 @@ def run(args, datasets, workers, models, clock, log) -> dict:
         f"{args.seconds:g}s each after a warm-up of two shuffle windows")
     log("  tokens/s: wall clock; cores used: CPU time of this process and its workers / wall time;")
     log("  per core: tokens per CPU-second (what one core delivers, even when other work shares the machine)")
-    log(f"{'dataset':<13} {'window:open':>11} {'workers':>7} {'tokens/s':>9} {'cores used':>10} "
+    log(f"{'dataset':<13} {'W:shards:docs':>13} {'workers':>7} {'tokens/s':>9} {'cores used':>10} "
         f"{'tokens/s per core':>17}")
     loader: dict[str, list[dict]] = {}
     for name, d in datasets:
         loader[name] = []
-        for window, open_shards in settings:
-            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards)
-            tag = f"{window}:{open_shards}"
+        for window, open_shards, open_documents in settings:
+            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards, open_documents)
+            tag = f"{window}:{open_shards}:{open_documents}"
             for w in workers:
                 try:
                     r = measure_loader(spec, w, args.seconds, clock)
                 except DataError as e:  # fewer shards than readers
-                    log(f"{name:<13} {tag:>11} {w:>7}  skipped: {e}")
+                    log(f"{name:<13} {tag:>13} {w:>7}  skipped: {e}")
                     continue
-                r.update(window=window, open_shards=open_shards)
+                r.update(window=window, open_shards=open_shards, open_documents=open_documents)
                 loader[name].append(r)
-                log(f"{name:<13} {tag:>11} {w:>7} {fmt(r['tokens_per_s']):>9} {r['cores']:>10.2f} "
+                log(f"{name:<13} {tag:>13} {w:>7} {fmt(r['tokens_per_s']):>9} {r['cores']:>10.2f} "
                     f"{fmt(r['tokens_per_cpu_s']):>17}")
         if len(settings) > 1:
             for w in workers:
                 rows = [r for r in loader[name] if r["workers"] == w]
                 if len(rows) == len(settings):
-                    log(f"{name:<13} {'ratio':>11} {w:>7}  per core {settings[-1][0]}:{settings[-1][1]} / "
-                        f"{settings[0][0]}:{settings[0][1]} = {rows[-1]['tokens_per_cpu_s'] / rows[0]['tokens_per_cpu_s']:.2f}")
+                    new, old = (":".join(map(str, x)) for x in (settings[-1], settings[0]))
+                    log(f"{name:<13} {'ratio':>13} {w:>7}  per core {new} / {old} = "
+                        f"{rows[-1]['tokens_per_cpu_s'] / rows[0]['tokens_per_cpu_s']:.2f}")
 
     trainer = []
     if models:
@@ -396,7 +401,8 @@ def run(args, datasets, workers, models, clock, log) -> dict:
         return min((r["tokens_per_cpu_s"] for r in rows), default=None)
 
     last = settings[-1]  # the goal is judged on the last settings measured (kiln's defaults by default)
-    loader_last = {name: [r for r in rs if (r["window"], r["open_shards"]) == last] for name, rs in loader.items()}
+    loader_last = {name: [r for r in rs if (r["window"], r["open_shards"], r["open_documents"]) == last]
+                   for name, rs in loader.items()}
     per_core = {name: lowest([r for r in rs if r["workers"] == 0]) for name, rs in loader_last.items()}
     per_core = {k: v for k, v in per_core.items() if v is not None}
     with_workers = lowest([r for rs in loader_last.values() for r in rs if r["workers"] > 0])

@@ -13,7 +13,7 @@ Every model is scored on the same full validation split (every block of it, not 
 Nothing but the batches differs, so the gap in validation loss is the cost of the sampler.
 
     python scripts/bench_sampling.py                 # ~10 min on 2 CPU cores
-    python scripts/bench_sampling.py --variant old:ordered:window=256,open_shards=1
+    python scripts/bench_sampling.py --variant old:ordered:window=256,open_shards=1,open_documents=1
 
 Prints one line per run and `gap <variant> +X.XXXX nats` lines last (kiln minus uniform).
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import sysconfig
 import tempfile
@@ -41,6 +40,7 @@ from kiln.data.reader import read_documents
 from kiln.data.sources import fingerprint, resolve_source
 from kiln.data.stream import ResumableLoader, StreamSpec
 from kiln.data.tokenizer import ByteTokenizer
+from kiln.engine.schedule import lr_at as kiln_lr_at
 from kiln.model.gpt import GPT, GPTConfig
 
 
@@ -82,22 +82,23 @@ def uniform_batches(tokens: np.ndarray, batch: int, block: int, seed: int):
 
 
 def kiln_batches(root: Path, batch: int, block: int, seed: int, overrides: dict):
+    seed = overrides.get("seed", seed)
     src = resolve_source(str(root))
     defaults = DataConfig()
     fields = {f.name for f in dataclasses.fields(StreamSpec)}
     kw = {"shuffle_window": overrides.get("window", defaults.shuffle_buffer)}
-    if "open_shards" in fields:
-        kw["open_shards"] = overrides.get("open_shards", getattr(defaults, "open_shards", 1))
+    for key in ("open_shards", "open_documents"):  # absent before issue 9: one of each
+        if key in fields:
+            kw[key] = overrides.get(key, getattr(defaults, key, 1))
     spec = StreamSpec(sources=(src.to_stream(),), seq_len=block, batch_size=batch, eos_id=256, seed=seed,
                       fingerprint=fingerprint([src]), **kw)
     return ResumableLoader(spec, rank=0, world=1, num_workers=0), kw
 
 
 def lr_at(step: int, args) -> float:
-    if step <= args.warmup:
-        return args.lr * step / args.warmup
-    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """kiln's own schedule (linear warmup, cosine decay), the same for every sampler."""
+    return kiln_lr_at(step, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
+                      min_lr_ratio=args.min_lr_ratio)
 
 
 @torch.no_grad()
@@ -135,7 +136,10 @@ def train(batches, val: np.ndarray, args) -> tuple[float, float]:
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
-    """name:dataset[:key=value,...] with dataset shuffled|ordered and keys window, open_shards."""
+    """name:dataset[:key=value,...] with dataset shuffled|ordered and keys window, open_shards,
+    open_documents (data.shuffle_buffer, data.open_shards, data.open_documents), seed (the
+    stream's). A name starting with "uniform" reruns the uniform sampler with another seed
+    (default: --seed + 1): the gap between the two uniform runs is the noise floor."""
     parts = text.split(":")
     name, dataset = parts[0], parts[1]
     overrides = {}
@@ -163,7 +167,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--variant", action="append", default=None,
-                    help="name:shuffled|ordered[:window=N,open_shards=K]; repeatable "
+                    help="name:shuffled|ordered[:window=N,open_shards=K,open_documents=D]; repeatable "
                          "(default: kiln:shuffled and kiln:ordered with kiln's defaults)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -190,6 +194,12 @@ def main() -> int:
         for name, dataset, overrides in variants:
             root = roots.get(dataset)
             label = f"{name}:{dataset}"
+            if name.startswith("uniform"):  # the reference again with another sampling seed: the noise
+                seed = overrides.get("seed", args.seed + 1)
+                loss, secs = train(uniform_batches(train_tokens, args.batch, args.block, seed), val, args)
+                results[f"{name}:seed={seed}"] = loss
+                print(f"{name + ':seed=' + str(seed):28s} val loss {loss:.4f}  ({secs:.0f} s)", flush=True)
+                continue
             if root is None:
                 print(f"{label:28s} skipped: this kiln-data cannot build {dataset} shards", flush=True)
                 continue

@@ -15,6 +15,7 @@ from kiln.cli.data import main as kiln_data
 from kiln.config.schema import DataConfig
 from kiln.data.build import build_dataset
 from kiln.data.manifest import load_manifest
+from kiln.data.reader import ShardCursor
 from kiln.data.sources import fingerprint, resolve_source
 from kiln.data.stream import ResumableLoader, StreamSpec, assign_shards, read_documents
 from kiln.data.tokenizer import ByteTokenizer
@@ -129,7 +130,7 @@ def spec_for(root, *, seq_len=63, batch=8, **kw):
 
 def defaults() -> dict:
     d = DataConfig()
-    return {"shuffle_window": d.shuffle_buffer, "open_shards": d.open_shards}
+    return {"shuffle_window": d.shuffle_buffer, "open_shards": d.open_shards, "open_documents": d.open_documents}
 
 
 def early_documents(loader, batches: int) -> list[int]:
@@ -151,21 +152,42 @@ def test_early_batches_of_an_ordered_corpus_draw_from_all_over_it(marked):
         return len(shards), max(shards) - min(shards), len(set(docs))
 
     shards, span, docs = spread(**defaults())
-    assert shards >= 40 and span >= 80 and docs >= 100, (shards, span, docs)
+    assert shards >= 30 and span >= 80 and docs >= 100, (shards, span, docs)
     old_shards, _, _ = spread(shuffle_window=256, open_shards=1)
     assert old_shards <= 4, old_shards
 
 
-@pytest.mark.parametrize("open_shards", [1, 3, 64])
-def test_every_document_once_per_pass_with_several_shards_open(marked, open_shards):
+def test_documents_longer_than_the_window_are_packed_many_at_once(tmp_path):
+    """40 documents of ~25k tokens each (books, long code files): a 4,096-block window of 64-token
+    blocks spans about 10 of them. Packed from 64 documents at once, the first 128 blocks still
+    come from most of the corpus; packed one document at a time, from about a window's worth."""
+    lines = [json.dumps({"text": " ".join([f"d{i:05d}"] * 3600)}) for i in range(40)]
+    (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n")
+    build_dataset([str(tmp_path / "long.jsonl")], tmp_path / "d", ByteTokenizer(), val_fraction=0.0,
+                  shard_size="50k", shuffle=False)
+    d = defaults()
+
+    def documents(open_documents):
+        spec = spec_for(tmp_path / "d", **dict(d, open_documents=open_documents))
+        return len(set(early_documents(ResumableLoader(spec, rank=0, world=1, num_workers=0), 16)))
+
+    assert d["open_documents"] >= 40 and documents(d["open_documents"]) >= 30
+    assert documents(1) <= 16
+
+
+@pytest.mark.parametrize("open_shards,open_documents", [(1, 1), (3, 1), (64, 1), (3, 7)])
+def test_every_document_once_per_pass_with_several_shards_open(marked, open_shards, open_documents):
     """2 ranks: each reader's first pass is exactly the documents of its own shards, once each,
-    however many it reads at once, and the second pass is the same documents in another order."""
+    however many it reads at once, and the second pass is the same documents in another order
+    (the shards are read exactly so; packing several documents at once emits a document a little
+    after its read)."""
     m = load_manifest(marked)
     urls = m.urls("train")
     for rank in (0, 1):
         mine = assign_shards(urls, rank, 2, 0, 1)
         want = sorted(int(k) for u in mine for k in re.findall(rb"(\d{9})\.tokens", open(u, "rb").read()))
-        spec = spec_for(marked, batch=1, seq_len=629, shuffle_window=1, open_shards=open_shards)
+        spec = spec_for(marked, batch=1, seq_len=629, shuffle_window=1, open_shards=open_shards,
+                        open_documents=open_documents)
         loader = ResumableLoader(spec, rank=rank, world=2, num_workers=0)
         passes = []
         for _ in range(2):
@@ -176,7 +198,21 @@ def test_every_document_once_per_pass_with_several_shards_open(marked, open_shar
                 assert tokens[-1] == 256
                 got.append(int(re.match(rb"d(\d{5})", bytes(tokens[:6])).group(1)))
             passes.append(got)
-        assert sorted(passes[0]) == want and sorted(passes[1]) == want
+        # Packing from D documents at once holds at most D read but not yet emitted: no repeat
+        # before block n - D, each document of the pass emitted within two passes' blocks.
+        held = min(open_documents, len(want))
+        first = passes[0][:len(want) - held]
+        assert len(set(first)) == len(first) and set(first) <= set(want)
+        both = passes[0] + passes[1]
+        assert set(both) == set(want)
+        assert all(both.count(d) <= (2 if held == 1 else 3) for d in want)
+        if held == 1:
+            assert sorted(passes[0]) == want and sorted(passes[1]) == want
+        cursor = ShardCursor(mine, np.dtype("<u2"), 5, rank, 0, open_shards=open_shards,
+                             expected={u: 12 for u in mine})
+        read = [int(re.match(rb"d(\d{5})", bytes(cursor.next_doc()[:6].tolist())).group(1))
+                for _ in range(2 * len(want))]
+        assert sorted(read[:len(want)]) == want and sorted(read[len(want):]) == want  # once per pass
         assert passes[0] != passes[1]
         if open_shards > 1:  # merged: consecutive documents hop between shards
             hops = sum(a // 12 != b // 12 for a, b in zip(passes[0], passes[0][1:]))
@@ -228,13 +264,22 @@ def test_version_1_stream_state_still_resumes(marked):
     want = [next(loader) for _ in range(5)]
     old = json.loads(json.dumps(state))
     old["version"] = 1
-    old.pop("open_shards")
+    old.pop("open_shards"), old.pop("open_documents")
+    shards = list(spec.sources[0]["shards"])
     for reader in old["readers"].values():
         for src in reader["window_start"]["sources"]:
             c = src["cursor"]
             (slot,) = c.pop("slots")
             c.pop("draws"), c.pop("last")
             c.update(index=slot["index"], offset=slot["offset"])
+            (lane,) = src.pop("lanes")  # version 1: the carry-over's length instead of a lane
+            src.pop("drawn")
+            if lane is None:
+                src["carry_len"] = 0
+            else:
+                cursor = ShardCursor(shards, np.dtype("<u2"), spec.seed, 0, 0)
+                (doc,) = cursor.read_addresses([lane[:4]])
+                src["carry_len"] = len(doc) + 1 - lane[4]
     resumed = ResumableLoader(spec, rank=0, world=1, num_workers=0, state=old)
     assert all(torch.equal(a[0], b[0]) for a, b in zip([next(resumed) for _ in range(5)], want))
     with pytest.raises(DataError, match="data.open_shards=1"):

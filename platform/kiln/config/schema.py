@@ -58,10 +58,12 @@ class DataConfig:
     seq_len: int = "${model.block_size}"  # type: ignore[assignment]
     # DataLoader worker processes per rank (0 = read in the training process).
     num_workers: int = 1
-    # Sampling (docs/data.md, chosen with scripts/bench_sampling.py): each reader reads
-    # open_shards shards at once, merging their documents at random, and shuffles the packed
+    # Sampling (README "Data"; defaults chosen with scripts/bench_sampling.py): each reader reads
+    # open_shards shards at once, merging their documents at random, packs blocks from
+    # open_documents documents at once (each block from one drawn at random), and shuffles the
     # blocks in windows of shuffle_buffer blocks (0 or 1: no window shuffle).
     open_shards: int = 16
+    open_documents: int = 64
     shuffle_buffer: int = 4096
     # Where the default corpus is cached.
     cache_dir: str = "${oc.env:KILN_CACHE_DIR,${oc.env:HOME}/.cache/kiln}"

@@ -24,7 +24,7 @@ POSITIVE = (
     "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "data.seq_len",
     "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "launcher.cpus_per_worker",
-    "data.open_shards",
+    "data.open_shards", "data.open_documents",
 )
 
 

@@ -41,7 +41,7 @@ def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
         sources=tuple(s.to_stream() for s in sources), seq_len=data["seq_len"],
         batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id, seed=tr["seed"],
         shuffle_window=data["shuffle_buffer"], on_error=data["on_error"], fingerprint=fingerprint(sources),
-        open_shards=data["open_shards"],
+        open_shards=data["open_shards"], open_documents=data["open_documents"],
     )
     val_urls, val_dtype, val_split, warnings = eval_shards(sources)
     return DataPlan(sources, tokenizer, spec, val_urls, val_dtype, val_split, warnings)

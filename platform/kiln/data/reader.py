@@ -3,9 +3,10 @@
 WebDataset cannot save and restore a reader's position, so kiln keeps the position itself, at
 every level, as small plain data that a checkpoint can hold:
 
-    ShardCursor   where we are in one source's shards: pass (epoch), index in that pass's
-                  shuffled shard order, documents already taken from the current shard
-    BlockPacker   the cursor plus the carry-over: tokens read but not yet emitted in a block
+    ShardCursor   where we are in one source's shards, read several at once: pass (epoch), per
+                  open shard its index and documents already taken, merge draws so far
+    BlockPacker   the cursor plus the documents being packed (several at once, "lanes"): for each,
+                  where it lies and how many of its tokens were emitted
     MixedStream   one packer per source, and how many blocks were drawn (the source of block i
                   is a pure function of (seed, reader, i), so the mixture needs no other state)
     WindowShuffle blocks are shuffled in windows of W: the state is the stream's state at the
@@ -339,6 +340,37 @@ class ShardCursor:
             self.last = k
             return doc
 
+    def last_address(self) -> list[int]:
+        """Where the last document taken lies: [pass, slot, index in the slot's list, position]."""
+        slot = self.slots[self.last]
+        return [self.epoch, self.last, slot["index"], slot["offset"] - 1]
+
+    def read_addresses(self, addresses: list[list[int]]) -> list[np.ndarray]:
+        """The documents at these addresses (see last_address), each shard read once, in order;
+        the cursor's own position is untouched."""
+        by_shard: dict[tuple, list[int]] = {}
+        for n, (epoch, k, index, position) in enumerate(addresses):
+            by_shard.setdefault((epoch, k, index), []).append(n)
+        out: list = [None] * len(addresses)
+        for (epoch, k, index), ns in by_shard.items():
+            url = self.order(epoch)[k::self.k][index]
+            want = {addresses[n][3]: [] for n in ns}
+            for n in ns:
+                want[addresses[n][3]].append(n)
+            last = max(want)
+            for position, doc in enumerate(read_documents(url, self.dtype, self.on_error, None,
+                                                          self.expected.get(url))):
+                for n in want.get(position, ()):
+                    out[n] = doc
+                if position == last:
+                    break
+        missing = [addresses[n] for n in range(len(addresses)) if out[n] is None]
+        if missing:
+            epoch, k, index, position = missing[0]
+            raise DataError(f"shard {self.order(epoch)[k::self.k][index]} changed since the stream position was "
+                            f"saved: it no longer holds document {position + 1}; set data.resume_stream=false")
+        return out
+
     def reread_last(self) -> np.ndarray:
         """The last document taken, read again (restoring a packer's carry-over); the cursor's
         position and counters are left as they were."""
@@ -372,62 +404,91 @@ def block_dtype(dtypes, eos_id: int) -> np.dtype:
 
 
 class BlockPacker:
-    """Documents joined by eos, cut into blocks of `block` tokens.
+    """Documents joined by eos, cut into blocks of `block` tokens, from `lanes` documents at once.
 
-    The carry-over (tokens read but not yet emitted) is always a suffix of the last document
-    taken plus its eos, so the state stores only its length; restoring re-reads that document.
-    This keeps the state a few integers however long the documents are. The packer holds that
-    document and a position in it, and copies tokens straight into each new block."""
+    Each lane packs its own run of documents (a document's tokens, its eos, the lane's next
+    document...); every block is cut from one lane drawn at random (counter-based, weighted by the
+    tokens its document has left). With many
+    lanes, consecutive blocks come from many documents, so a shuffle window of W blocks holds
+    blocks of at least `lanes` documents even when documents are far longer than the window
+    (books, code files), where one lane would fill the window from a handful of them.
+
+    State: per lane the address of its document (pass, slot, shard index, position in the shard)
+    and how many of its tokens were emitted; restoring re-reads those documents, one sequential
+    read per shard. A few integers per lane, however long the documents."""
 
     def __init__(self, cursor: ShardCursor, block: int, eos_id: int, state: dict | None = None,
-                 dtype=np.int64):
+                 dtype=np.int64, lanes: int = 1, seed: int = 0, reader: int = 0, source: int = 0):
         self.cursor, self.block, self.eos_id = cursor, block, eos_id
         self.dtype = np.dtype(dtype)
-        self._doc: np.ndarray | None = None  # the document the carry-over comes from
-        self._pos = 0  # its tokens before _pos are emitted; the rest, then its eos, are not
-        carry_len = (state or {}).get("carry_len", 0)
-        if carry_len:
-            saved = cursor.state()
-            doc = cursor.reread_last()  # the document the carry came from
-            cursor.stats = saved["stats"]  # re-reading must not count skipped data twice
-            self._doc, self._pos = doc, len(doc) + 1 - carry_len
-
-    @property
-    def carry_len(self) -> int:
-        return 0 if self._doc is None else len(self._doc) + 1 - self._pos
-
-    @property
-    def carry(self) -> np.ndarray:
-        """The carry-over tokens themselves (the last document's unemitted tail plus eos)."""
-        if self._doc is None:
-            return np.empty(0, dtype=self.dtype)
-        out = np.empty(self.carry_len, dtype=self.dtype)
-        out[:-1] = self._doc[self._pos:]
-        out[-1] = self.eos_id
-        return out
+        self.seed, self.reader, self.source = seed, reader, source
+        state = state or {}
+        saved_lanes = state.get("lanes")
+        if saved_lanes is not None and len(saved_lanes) != lanes:
+            raise DataError(f"reader {reader}: the saved stream position packs {len(saved_lanes)} document(s) at "
+                            f"once, this run {lanes} (data.open_documents); restore data.open_documents or set "
+                            f"data.resume_stream=false")
+        self.lanes = max(1, int(lanes))
+        self.drawn = state.get("drawn", 0)
+        # per lane: [document, tokens emitted, address]; None: take the next document
+        self._lane: list[list | None] = [None] * self.lanes
+        saved = cursor.state()
+        if saved_lanes is not None:
+            wanted = [(i, a[:4], a[4]) for i, a in enumerate(saved_lanes) if a is not None]
+            docs = cursor.read_addresses([a for _, a, _ in wanted])
+            for (i, addr, pos), doc in zip(wanted, docs):
+                self._lane[i] = [doc, pos, addr]
+        elif state.get("carry_len"):  # a version 1 state: one lane, its carry the last document's tail
+            doc = cursor.reread_last()
+            self._lane[0] = [doc, len(doc) + 1 - state["carry_len"], cursor.last_address()]
+        cursor.stats = saved["stats"]  # re-reading must not count skipped data twice
 
     def state(self) -> dict:
-        return {"cursor": self.cursor.state(), "carry_len": self.carry_len}
+        lanes = [None if lane is None else [*lane[2], lane[1]] for lane in self._lane]
+        return {"cursor": self.cursor.state(), "lanes": lanes, "drawn": self.drawn}
+
+    def _choose(self) -> int:
+        """A lane drawn with probability proportional to the tokens its document has left: the
+        open documents then drain together and every token is as likely to come next as under
+        uniform sampling (a uniform draw over lanes would under-sample long documents)."""
+        for i, lane in enumerate(self._lane):  # every lane holds a document before the draw
+            if lane is None:
+                self._lane[i] = [self.cursor.next_doc(), 0, self.cursor.last_address()]
+        if self.lanes == 1:
+            return 0
+        left = [len(doc) + 1 - pos for doc, pos, _ in self._lane]  # its tokens not yet emitted, and eos
+        h = hashlib.blake2b(f"{self.seed}/{self.reader}/{self.source}/lane/{self.drawn}".encode(),
+                            digest_size=8).digest()
+        target = int.from_bytes(h, "little") % sum(left)
+        for i, n in enumerate(left):
+            if target < n:
+                return i
+            target -= n
+        return self.lanes - 1
 
     def next_block(self) -> np.ndarray:
+        i = self._choose()
+        self.drawn += 1
         block, out = self.block, np.empty(self.block, dtype=self.dtype)
-        doc, pos, filled = self._doc, self._pos, 0
+        lane, filled = self._lane[i], 0
         while True:
-            if doc is None:
-                doc, pos = self.cursor.next_doc(), 0
+            if lane is None:
+                doc = self.cursor.next_doc()
+                lane = [doc, 0, self.cursor.last_address()]
+            doc, pos = lane[0], lane[1]
             take = min(len(doc) - pos, block - filled)
             if take:
                 out[filled:filled + take] = doc[pos:pos + take]
                 filled += take
-                pos += take
-            if filled == block:  # full; the eos (at least) stays in the carry-over
+                lane[1] = pos + take
+            if filled == block:  # full; the eos (at least) stays in the lane
                 break
-            out[filled] = self.eos_id  # the document is done: its eos, then the next one
+            out[filled] = self.eos_id  # the document is done: its eos, then the lane's next one
             filled += 1
-            doc = None
+            lane = None
             if filled == block:
                 break
-        self._doc, self._pos = doc, pos
+        self._lane[i] = lane
         return out
 
 
@@ -445,7 +506,7 @@ class MixedStream:
     """Blocks drawn from several sources with fixed weights."""
 
     def __init__(self, sources: list[dict], *, reader: int, seed: int, block: int, eos_id: int,
-                 on_error: str, state: dict | None = None, open_shards: int = 1):
+                 on_error: str, state: dict | None = None, open_shards: int = 1, open_documents: int = 1):
         state = state or {}
         saved = state.get("sources", [{} for _ in sources])
         dtype = block_dtype([src["dtype"] for src in sources], eos_id)
@@ -453,7 +514,8 @@ class MixedStream:
         for s, (src, st) in enumerate(zip(sources, saved)):
             cursor = ShardCursor(src["shards"], np.dtype(src["dtype"]), seed, reader, s, on_error,
                                  st.get("cursor"), src.get("documents"), open_shards)
-            self.packers.append(BlockPacker(cursor, block, eos_id, st, dtype=dtype))
+            self.packers.append(BlockPacker(cursor, block, eos_id, st, dtype=dtype, lanes=open_documents,
+                                            seed=seed, reader=reader, source=s))
         total = sum(src["weight"] for src in sources)
         acc, self.cumulative = 0.0, []
         for src in sources:

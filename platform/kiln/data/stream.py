@@ -27,8 +27,8 @@ from kiln.errors import DataError
 __all__ = ["StreamSpec", "ResumableLoader", "assign_shards", "read_documents", "pack", "val_batches",
            "train_loader"]
 
-# 2: a cursor reads several shards at once (per-slot positions). Version 1 states (one shard at a
-# time) are still read: they are a single slot's position.
+# 2: a cursor reads several shards at once (per-slot positions) and a packer packs several
+# documents at once (per-lane addresses). Version 1 states (one of each) are still read.
 STATE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
@@ -58,12 +58,13 @@ class StreamSpec:
     on_error: str = "raise"
     fingerprint: str = ""
     open_shards: int = 1  # shards each reader reads at once (data.open_shards)
+    open_documents: int = 1  # documents each reader packs blocks from at once (data.open_documents)
 
     def identity(self) -> dict:
         """What must match for a saved stream position to mean the same thing again."""
         return {"fingerprint": self.fingerprint, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "seed": self.seed, "shuffle_window": self.shuffle_window, "open_shards": self.open_shards,
-                "weights": [s["weight"] for s in self.sources]}
+                "open_documents": self.open_documents, "weights": [s["weight"] for s in self.sources]}
 
 
 class TrainStream(IterableDataset):
@@ -97,7 +98,7 @@ class TrainStream(IterableDataset):
         def make_stream(state):
             return MixedStream(sources, reader=reader, seed=spec.seed, block=spec.seq_len + 1,
                                eos_id=spec.eos_id, on_error=spec.on_error, state=state,
-                               open_shards=spec.open_shards)
+                               open_shards=spec.open_shards, open_documents=spec.open_documents)
 
         shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
                                 state=self.reader_states.get(role))
@@ -221,9 +222,10 @@ def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int)
             f"launcher.num_workers={state.get('world')} data.num_workers={state.get('num_workers')}, or "
             + deliberately)
     config_key = {"seq_len": "data.seq_len", "batch_size": "trainer.micro_batch_size", "seed": "trainer.seed",
-                  "shuffle_window": "data.shuffle_buffer", "open_shards": "data.open_shards"}
+                  "shuffle_window": "data.shuffle_buffer", "open_shards": "data.open_shards",
+                  "open_documents": "data.open_documents"}
     for key, value in spec.identity().items():
-        saved = state.get(key, 1 if key == "open_shards" else None)  # version 1: one shard at a time
+        saved = state.get(key, 1 if key.startswith("open_") else None)  # version 1: one at a time
         if key != "fingerprint" and saved != value:
             where = config_key.get(key, "the mixture weights")
             setting = f" ({where}={saved})" if key in config_key else ""
