@@ -1,7 +1,7 @@
 """Sampling quality: does kiln's data stream train a model as well as uniform random sampling?
 
 Builds an ordered corpus from files already on this machine (this Python's standard library,
-path order: one package after another, the way real corpora arrive), writes it with kiln-data
+path order: one package after another, the way real corpora arrive; or --corpus), writes it with kiln-data
 twice (shuffled, kiln's default, and --no-shuffle), then trains the same small GPT for the same
 steps, same init, same optimizer and LR schedule, fed by
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from kiln.config.schema import DataConfig
 from kiln.data.build import build_dataset
+from kiln.data.inputs import expand_inputs
 from kiln.data.manifest import load_manifest
 from kiln.data.reader import read_documents
 from kiln.data.sources import fingerprint, resolve_source
@@ -44,9 +45,12 @@ from kiln.engine.schedule import lr_at as kiln_lr_at
 from kiln.model.gpt import GPT, GPTConfig
 
 
-def corpus_files(root: Path | None) -> list[Path]:
-    """Ordered documents nobody here wrote: by default the stdlib's sources (tests left out)."""
-    root = root or Path(sysconfig.get_paths()["stdlib"])
+def corpus_files(inputs: list[str] | None) -> list[Path]:
+    """Ordered documents nobody here wrote: by default the stdlib's sources (tests left out), in
+    path order; or any kiln-data inputs (files, directories, globs, .jsonl, .parquet), in order."""
+    if inputs:
+        return expand_inputs(inputs)
+    root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
     return [p for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts)]
 
@@ -152,7 +156,8 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=None, help="directory of .py files (default: the stdlib)")
+    ap.add_argument("--corpus", nargs="+", default=None, metavar="INPUT",
+                    help="kiln-data inputs in the order they should be read (default: the stdlib's .py files)")
     ap.add_argument("--max-tokens", type=int, default=3_000_000)
     ap.add_argument("--shard-tokens", type=int, default=100_000)
     ap.add_argument("--val-fraction", type=float, default=0.05)
