@@ -20,6 +20,7 @@ produced, token for token.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import tarfile
@@ -34,6 +35,13 @@ from kiln.errors import DataError
 
 def _seeded(*parts) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
+
+
+def _draw(*parts) -> int:
+    """A 64-bit counter-based draw: a pure function of its parts, so a stream that draws with it
+    needs no RNG state, only its counters."""
+    h = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
 
 
 # ---------------------------------------------------------------------------- reading a shard
@@ -270,7 +278,7 @@ class ShardCursor:
             self._left = []
             for urls in self._lists:
                 sizes = [self.expected[u] if counted else 1 for u in urls]  # no counts: shards left
-                self._left.append([sum(sizes[i:]) for i in range(len(sizes))] + [0])
+                self._left.append(list(itertools.accumulate(reversed(sizes)))[::-1] + [0])
             self._counted = counted
             self._lists_epoch = self.epoch
         return self._lists
@@ -298,9 +306,7 @@ class ShardCursor:
             return None
         if self.k == 1:
             return 0
-        h = hashlib.blake2b(f"{self.seed}/{self.reader}/{self.source}/{self.epoch}/{self.draws}".encode(),
-                            digest_size=8).digest()
-        target = int.from_bytes(h, "little") % total
+        target = _draw(self.seed, self.reader, self.source, self.epoch, self.draws) % total
         for k, w in enumerate(weights):
             if target < w:
                 return k
@@ -372,18 +378,6 @@ class ShardCursor:
                             f"saved: it no longer holds document {position + 1}; set data.resume_stream=false")
         return out
 
-    def reread_last(self) -> np.ndarray:
-        """The last document taken, read again (restoring a packer's carry-over); the cursor's
-        position and counters are left as they were."""
-        k = self.last
-        docs = self._reader_at(k, self.slots[k]["offset"] - 1)
-        doc = next(docs, None)
-        if doc is None:
-            raise DataError(f"shard {self.current_url(k)} changed since the stream position was saved: "
-                            f"it no longer holds document {self.slots[k]['offset']}")
-        self._open[k] = docs
-        return doc
-
 
 def _upgrade_cursor_state(state: dict) -> dict:
     """Stream states saved before shards were read several at a time (one cursor: epoch,
@@ -440,8 +434,9 @@ class BlockPacker:
             for (i, addr, pos), doc in zip(wanted, docs):
                 self._lane[i] = [doc, pos, addr]
         elif state.get("carry_len"):  # a version 1 state: one lane, its carry the last document's tail
-            doc = cursor.reread_last()
-            self._lane[0] = [doc, len(doc) + 1 - state["carry_len"], cursor.last_address()]
+            address = cursor.last_address()
+            (doc,) = cursor.read_addresses([address])
+            self._lane[0] = [doc, len(doc) + 1 - state["carry_len"], address]
         cursor.stats = saved["stats"]  # re-reading must not count skipped data twice
 
     def state(self) -> dict:
@@ -454,9 +449,7 @@ class BlockPacker:
         nats behind uniform sampling on shuffled shards, against 0.001 with this draw.)"""
         if self.lanes == 1:
             return 0
-        h = hashlib.blake2b(f"{self.seed}/{self.reader}/{self.source}/lane/{self.drawn}".encode(),
-                            digest_size=8).digest()
-        return int.from_bytes(h, "little") % self.lanes
+        return _draw(self.seed, self.reader, self.source, "lane", self.drawn) % self.lanes
 
     def next_block(self) -> np.ndarray:
         i = self._choose()
@@ -486,8 +479,7 @@ class BlockPacker:
 
 def mixture_choice(seed: int, reader: int, i: int, cumulative: list[float]) -> int:
     """Source of block i: a counter-based draw, so the mixture itself carries no RNG state."""
-    h = hashlib.blake2b(f"{seed}/{reader}/{i}".encode(), digest_size=8).digest()
-    u = int.from_bytes(h, "little") / 2**64
+    u = _draw(seed, reader, i) / 2**64
     for s, edge in enumerate(cumulative):
         if u < edge:
             return s
