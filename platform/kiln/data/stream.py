@@ -243,15 +243,6 @@ def train_loader(urls: list[str], *, rank: int, world: int, num_workers: int, se
     return ResumableLoader(spec, rank=rank, world=world, num_workers=num_workers, state=state)
 
 
-def pack(docs: Iterator[np.ndarray], block: int, eos_id: int) -> Iterator[np.ndarray]:
-    """Concatenate documents (each followed by eos) and cut into blocks of `block` tokens."""
-    buf = np.empty(0, dtype=np.int64)
-    for doc in docs:
-        buf = np.concatenate([buf, doc.astype(np.int64), np.array([eos_id], dtype=np.int64)])
-        while len(buf) >= block:
-            yield buf[:block]
-            buf = buf[block:]
-
-
-# The evaluation set lives in validation.py; re-exported here for existing importers.
-from kiln.data.validation import val_batches  # noqa: E402
+# The evaluation set (and the plain packer it uses) lives in validation.py; re-exported here for
+# existing importers.
+from kiln.data.validation import pack, val_batches  # noqa: E402

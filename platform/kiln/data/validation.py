@@ -23,12 +23,20 @@ from kiln.data.reader import read_documents
 from kiln.errors import DataError
 
 
+def pack(docs: Iterator[np.ndarray], block: int, eos_id: int) -> Iterator[np.ndarray]:
+    """Concatenate documents (each followed by eos) and cut into blocks of `block` tokens."""
+    buf = np.empty(0, dtype=np.int64)
+    for doc in docs:
+        buf = np.concatenate([buf, doc.astype(np.int64), np.array([eos_id], dtype=np.int64)])
+        while len(buf) >= block:
+            yield buf[:block]
+            buf = buf[block:]
+
+
 def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int,
                 num_batches: int, eos_id: int, dtype: str, on_error: str = "raise"
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's `num_batches` validation micro-batches (x, y), the same on every call."""
-    from kiln.data.stream import pack  # as training packs them (stream.py re-exports this module)
-
     dt = np.dtype(dtype)
     own_shards = len(urls) >= world
     mine_urls = urls[rank::world] if own_shards else list(urls)
