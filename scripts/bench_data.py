@@ -192,17 +192,17 @@ def describe(d: Path) -> dict:
 
 
 def spec_for(d: Path, seq_len: int, batch: int, window: int, open_shards: int = 1,
-             open_documents: int = 1) -> StreamSpec:
+             open_documents: int = 1, shuffle_documents: bool = False) -> StreamSpec:
     src = resolve_source(str(d))
     eos = load_source_tokenizer(src, "/nonexistent").eos_id  # local data: nothing is fetched
     return StreamSpec(sources=(src.to_stream(),), seq_len=seq_len, batch_size=batch, eos_id=eos, seed=1337,
                       shuffle_window=window, fingerprint=fingerprint([src]), open_shards=open_shards,
-                      open_documents=open_documents)
+                      open_documents=open_documents, shuffle_documents=shuffle_documents)
 
 
-def parse_settings(text: str) -> list[tuple[int, int, int]]:
-    """'256:1:1,4096:16:64' -> [(window, open_shards, open_documents), ...]; 'default' is kiln's
-    defaults."""
+def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
+    """'256:1:1,4096:16:64:1' -> [(window, open_shards, open_documents, shuffle_documents), ...];
+    'default' is kiln's defaults."""
     from kiln.config.schema import DataConfig
 
     out = []
@@ -210,10 +210,10 @@ def parse_settings(text: str) -> list[tuple[int, int, int]]:
         item = item.strip()
         if item == "default":
             d = DataConfig()
-            out.append((d.shuffle_buffer, d.open_shards, d.open_documents))
+            out.append((d.shuffle_buffer, d.open_shards, d.open_documents, int(d.shuffle_documents)))
         elif item:
-            w, k, n = (item.split(":") + ["1", "1"])[:3]
-            out.append((int(w), int(k), int(n)))
+            w, k, n, docs = (item.split(":") + ["1", "1", "0"][len(item.split(":")) - 1:])[:4]
+            out.append((int(w), int(k), int(n), int(docs)))
     return out
 
 
@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences)")
     ap.add_argument("--settings", default="256:1:1,default",
-                    help="stream settings to measure side by side, WINDOW:OPEN_SHARDS:OPEN_DOCUMENTS "
-                         "(data.shuffle_buffer, data.open_shards, data.open_documents), comma-separated; "
+                    help="stream settings to measure side by side, WINDOW:OPEN_SHARDS:OPEN_DOCUMENTS[:SHUFFLE_DOCUMENTS] "
+                         "(data.shuffle_buffer, data.open_shards, data.open_documents, data.shuffle_documents "
+                         "0|1, default 0), comma-separated; "
                          "'default' is kiln's defaults; 256:1:1 is the stream before issue 9 "
                          "(default: 256:1:1,default)")
     ap.add_argument("--workers", default="0,1,2", help="DataLoader workers to measure (default 0,1,2)")
@@ -358,30 +359,32 @@ def run(args, datasets, workers, models, clock, log) -> dict:
         f"{args.seconds:g}s each after a warm-up of two shuffle windows")
     log("  tokens/s: wall clock; cores used: CPU time of this process and its workers / wall time;")
     log("  per core: tokens per CPU-second (what one core delivers, even when other work shares the machine)")
-    log(f"{'dataset':<13} {'W:shards:docs':>13} {'workers':>7} {'tokens/s':>9} {'cores used':>10} "
+    log(f"{'dataset':<13} {'W:shards:docs:shuf':>18} {'workers':>7} {'tokens/s':>9} {'cores used':>10} "
         f"{'tokens/s per core':>17}")
     loader: dict[str, list[dict]] = {}
     for name, d in datasets:
         loader[name] = []
-        for window, open_shards, open_documents in settings:
-            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards, open_documents)
-            tag = f"{window}:{open_shards}:{open_documents}"
+        for window, open_shards, open_documents, shuffle_documents in settings:
+            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards, open_documents,
+                            bool(shuffle_documents))
+            tag = f"{window}:{open_shards}:{open_documents}:{shuffle_documents}"
             for w in workers:
                 try:
                     r = measure_loader(spec, w, args.seconds, clock)
                 except DataError as e:  # fewer shards than readers
-                    log(f"{name:<13} {tag:>13} {w:>7}  skipped: {e}")
+                    log(f"{name:<13} {tag:>18} {w:>7}  skipped: {e}")
                     continue
-                r.update(window=window, open_shards=open_shards, open_documents=open_documents)
+                r.update(window=window, open_shards=open_shards, open_documents=open_documents,
+                         shuffle_documents=shuffle_documents)
                 loader[name].append(r)
-                log(f"{name:<13} {tag:>13} {w:>7} {fmt(r['tokens_per_s']):>9} {r['cores']:>10.2f} "
+                log(f"{name:<13} {tag:>18} {w:>7} {fmt(r['tokens_per_s']):>9} {r['cores']:>10.2f} "
                     f"{fmt(r['tokens_per_cpu_s']):>17}")
         if len(settings) > 1:
             for w in workers:
                 rows = [r for r in loader[name] if r["workers"] == w]
                 if len(rows) == len(settings):
                     new, old = (":".join(map(str, x)) for x in (settings[-1], settings[0]))
-                    log(f"{name:<13} {'ratio':>13} {w:>7}  per core {new} / {old} = "
+                    log(f"{name:<13} {'ratio':>18} {w:>7}  per core {new} / {old} = "
                         f"{rows[-1]['tokens_per_cpu_s'] / rows[0]['tokens_per_cpu_s']:.2f}")
 
     trainer = []
@@ -401,7 +404,8 @@ def run(args, datasets, workers, models, clock, log) -> dict:
         return min((r["tokens_per_cpu_s"] for r in rows), default=None)
 
     last = settings[-1]  # the goal is judged on the last settings measured (kiln's defaults by default)
-    loader_last = {name: [r for r in rs if (r["window"], r["open_shards"], r["open_documents"]) == last]
+    loader_last = {name: [r for r in rs if (r["window"], r["open_shards"], r["open_documents"],
+                                            r["shuffle_documents"]) == last]
                    for name, rs in loader.items()}
     per_core = {name: lowest([r for r in rs if r["workers"] == 0]) for name, rs in loader_last.items()}
     per_core = {k: v for k, v in per_core.items() if v is not None}

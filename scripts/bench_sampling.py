@@ -91,9 +91,9 @@ def kiln_batches(root: Path, batch: int, block: int, seed: int, overrides: dict)
     defaults = DataConfig()
     fields = {f.name for f in dataclasses.fields(StreamSpec)}
     kw = {"shuffle_window": overrides.get("window", defaults.shuffle_buffer)}
-    for key in ("open_shards", "open_documents"):  # absent before issue 9: one of each
+    for key in ("open_shards", "open_documents", "shuffle_documents"):  # absent before issue 9: one, stored order
         if key in fields:
-            kw[key] = overrides.get(key, getattr(defaults, key, 1))
+            kw[key] = type(getattr(defaults, key))(overrides.get(key, getattr(defaults, key)))
     spec = StreamSpec(sources=(src.to_stream(),), seq_len=block, batch_size=batch, eos_id=256, seed=seed,
                       fingerprint=fingerprint([src]), **kw)
     return ResumableLoader(spec, rank=0, world=1, num_workers=0), kw
@@ -141,7 +141,8 @@ def train(batches, val: np.ndarray, args) -> tuple[float, float]:
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
     """name:dataset[:key=value,...] with dataset shuffled|ordered and keys window, open_shards,
-    open_documents (data.shuffle_buffer, data.open_shards, data.open_documents), seed (the
+    open_documents, shuffle_documents (0|1) (data.shuffle_buffer, data.open_shards,
+    data.open_documents, data.shuffle_documents), seed (the
     stream's). A name starting with "uniform" reruns the uniform sampler with another seed
     (default: --seed + 1): the gap between the two uniform runs is the noise floor."""
     parts = text.split(":")
@@ -172,7 +173,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--variant", action="append", default=None,
-                    help="name:shuffled|ordered[:window=N,open_shards=K,open_documents=D]; repeatable "
+                    help="name:shuffled|ordered[:window=N,open_shards=K,open_documents=D,shuffle_documents=0|1]; repeatable "
                          "(default: kiln:shuffled and kiln:ordered with kiln's defaults)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()

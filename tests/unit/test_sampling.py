@@ -130,7 +130,8 @@ def spec_for(root, *, seq_len=63, batch=8, **kw):
 
 def defaults() -> dict:
     d = DataConfig()
-    return {"shuffle_window": d.shuffle_buffer, "open_shards": d.open_shards, "open_documents": d.open_documents}
+    return {"shuffle_window": d.shuffle_buffer, "open_shards": d.open_shards, "open_documents": d.open_documents,
+            "shuffle_documents": d.shuffle_documents}
 
 
 def early_documents(loader, batches: int) -> list[int]:
@@ -175,8 +176,10 @@ def test_documents_longer_than_the_window_are_packed_many_at_once(tmp_path):
     assert documents(1) <= 16
 
 
-@pytest.mark.parametrize("open_shards,open_documents", [(1, 1), (3, 1), (64, 1), (3, 7)])
-def test_every_document_once_per_pass_with_several_shards_open(marked, open_shards, open_documents):
+@pytest.mark.parametrize("open_shards,open_documents,shuffle_documents",
+                         [(1, 1, False), (3, 1, False), (64, 1, False), (3, 7, False), (1, 1, True), (3, 7, True)])
+def test_every_document_once_per_pass_with_several_shards_open(marked, open_shards, open_documents,
+                                                               shuffle_documents):
     """2 ranks: each reader's first pass is exactly the documents of its own shards, once each,
     however many it reads at once, and the second pass is the same documents in another order
     (the shards are read exactly so; packing several documents at once emits a document a little
@@ -187,7 +190,7 @@ def test_every_document_once_per_pass_with_several_shards_open(marked, open_shar
         mine = assign_shards(urls, rank, 2, 0, 1)
         want = sorted(int(k) for u in mine for k in re.findall(rb"(\d{9})\.tokens", open(u, "rb").read()))
         spec = spec_for(marked, batch=1, seq_len=629, shuffle_window=1, open_shards=open_shards,
-                        open_documents=open_documents)
+                        open_documents=open_documents, shuffle_documents=shuffle_documents)
         loader = ResumableLoader(spec, rank=rank, world=2, num_workers=0)
         passes = []
         for _ in range(2):
@@ -209,11 +212,14 @@ def test_every_document_once_per_pass_with_several_shards_open(marked, open_shar
         if held == 1:
             assert sorted(passes[0]) == want and sorted(passes[1]) == want
         cursor = ShardCursor(mine, np.dtype("<u2"), 5, rank, 0, open_shards=open_shards,
-                             expected={u: 12 for u in mine})
+                             expected={u: 12 for u in mine}, shuffle_documents=shuffle_documents)
         read = [int(re.match(rb"d(\d{5})", bytes(cursor.next_doc()[:6].tolist())).group(1))
                 for _ in range(2 * len(want))]
         assert sorted(read[:len(want)]) == want and sorted(read[len(want):]) == want  # once per pass
         assert passes[0] != passes[1]
+        if shuffle_documents:  # each shard's documents out of their stored (increasing) order
+            runs = [[d for d in passes[0] if d // 12 == s] for s in {d // 12 for d in passes[0]}]
+            assert sum(r != sorted(r) for r in runs) > len(runs) / 2
         if open_shards > 1:  # merged: consecutive documents hop between shards
             hops = sum(a // 12 != b // 12 for a, b in zip(passes[0], passes[0][1:]))
             assert hops > len(want) / 3, hops
@@ -306,3 +312,86 @@ def test_sampling_settings_are_checked_before_launch(compose, key, value):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(compose([f"{key}={value}"]))
+
+
+# ------------------------------------------------------------- documents out of their stored order
+
+
+def shard_docs(cursor, n):
+    return [int(re.match(rb"d(\d{5})", bytes(cursor.next_doc()[:6].tolist())).group(1)) for _ in range(n)]
+
+
+def test_document_index_finds_what_the_sequential_reader_reads(marked, tmp_path, inputs):
+    from kiln.data.reader import document_index, indexed_documents
+
+    other = build(inputs, tmp_path / "other", val_fraction=0.0, shard_size="20k")
+    for url, dtype in [(load_manifest(marked).urls("train")[3], np.dtype("<u2")),
+                       (other.urls("train")[0], np.dtype(other.token_dtype))]:
+        index = document_index(url, dtype.itemsize)
+        docs = [d.tolist() for d in read_documents(url, dtype)]
+        assert index is not None and len(index) == len(docs) > 1
+        assert [d.tolist() for d in indexed_documents(url, index, range(len(index)), dtype)] == docs
+        assert index[:, 1].sum() == sum(len(d) for d in docs) * dtype.itemsize
+    # What it cannot lay out is read in stored order (where its problems are reported)
+    url = load_manifest(marked).urls("train")[0]
+    raw = open(url, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[:len(raw) // 2])
+    assert document_index(str(cut), 2) is None
+    import gzip
+    (tmp_path / "z.tar").write_bytes(gzip.compress(raw))  # a compressed shard (webdataset reads it)
+    assert document_index(str(tmp_path / "z.tar"), 2) is None
+    assert document_index(f"pipe:cat {url}", 2) is None
+    assert document_index(url, 2, expected=13) is None  # fewer documents than the manifest lists
+
+
+def test_a_shards_documents_come_in_a_seeded_order_per_pass(marked):
+    """One shard of 12 documents in input order: with shuffle_documents each pass reads all 12 in
+    a new order, the same for the same seed, another for another seed; without, in stored order."""
+    url = load_manifest(marked).urls("train")[7]
+    first = 7 * 12
+
+    def cursor(seed, shuffle=True):
+        return ShardCursor([url], np.dtype("<u2"), seed, 0, 0, expected={url: 12}, shuffle_documents=shuffle)
+
+    stored = list(range(first, first + 12))
+    assert shard_docs(cursor(1, shuffle=False), 12) == stored
+    a = shard_docs(cursor(1), 36)
+    assert all(sorted(a[i:i + 12]) == stored for i in (0, 12, 24)), "every document once per pass"
+    assert stored not in (a[0:12], a[12:24], a[24:36]) and a[0:12] != a[12:24]
+    assert shard_docs(cursor(1), 36) == a and shard_docs(cursor(2), 12) != a[:12]
+
+
+def test_resume_mid_pass_with_shuffled_documents_is_exact(marked):
+    """The saved position is still (pass, slot, shard, documents taken): resuming re-derives the
+    pass's order and the open lanes' documents, and reads on exactly."""
+    spec = spec_for(marked, seq_len=50, batch=2, shuffle_window=16, open_shards=3, open_documents=5,
+                    shuffle_documents=True)
+    loader = ResumableLoader(spec, rank=0, world=1, num_workers=0)
+    full = [next(loader)[0] for _ in range(900)]  # past a pass (1,200 documents of ~13 blocks / 2)
+    for k in (3, 451, 777):
+        first = ResumableLoader(spec, rank=0, world=1, num_workers=0)
+        for _ in range(k):
+            next(first)
+        resumed = ResumableLoader(spec, rank=0, world=1, num_workers=0, state=first.state_dict())
+        assert all(torch.equal(next(resumed)[0], want) for want in full[k:k + 60]), k
+
+
+def test_version_2_stream_state_resumes_in_stored_order(marked):
+    """A state saved before shuffle_documents resumes exactly with data.shuffle_documents=false, and
+    the new default refuses it, naming the key."""
+    from kiln.errors import DataError
+
+    old_spec = spec_for(marked, shuffle_window=8, open_shards=4, open_documents=3)
+    loader = ResumableLoader(old_spec, rank=0, world=1, num_workers=0)
+    for _ in range(9):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = [next(loader)[0] for _ in range(5)]
+    state["version"] = 2
+    state.pop("shuffle_documents")
+    resumed = ResumableLoader(old_spec, rank=0, world=1, num_workers=0, state=state)
+    assert all(torch.equal(next(resumed)[0], w) for w in want)
+    with pytest.raises(DataError, match="data.shuffle_documents=False"):
+        ResumableLoader(spec_for(marked, shuffle_window=8, open_shards=4, open_documents=3, shuffle_documents=True),
+                        rank=0, world=1, num_workers=0, state=state)

@@ -184,6 +184,83 @@ def _tar_samples(url: str) -> Iterator[dict]:
     yield from samples
 
 
+def document_index(url: str, itemsize: int, expected: int | None = None) -> np.ndarray | None:
+    """Where each document's tokens lie in a local shard: an (n, 2) array of (offset, size), read
+    from the member headers alone (a seek past each member's data), so documents can be read in
+    any order. None for anything the lean reader would hand to webdataset (a remote or compressed
+    shard, another member type, a duplicate field, a member past the end of the file), a sample
+    without a decodable tokens.* field, or fewer documents than the manifest lists: such a shard
+    is read in stored order, where those problems are reported as they always were."""
+    from webdataset.tariterators import base_plus_ext
+
+    if not _is_local_file(url):
+        return None
+    try:
+        fd = os.open(url, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        end, off = os.fstat(fd).st_size, 0
+        found: list[tuple[int, int]] = []
+        key, fields, tokens = None, set(), None
+        while True:
+            hdr = os.pread(fd, tarfile.BLOCKSIZE, off)
+            if len(hdr) < tarfile.BLOCKSIZE or (off == 0 and hdr.startswith(_COMPRESSED)):
+                return None
+            if hdr.count(0) == tarfile.BLOCKSIZE:  # end of archive
+                break
+            member = _plain_member(hdr)
+            if member is None:
+                return None
+            name, size = member
+            start = off + tarfile.BLOCKSIZE
+            off = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if off > end:
+                return None
+            k, suffix = base_plus_ext(name)
+            if k is None or suffix.lower().startswith("__"):
+                return None
+            suffix = suffix.lower()
+            if k != key:
+                if key is not None:
+                    if tokens is None:
+                        return None
+                    found.append(tokens)
+                key, fields, tokens = k, set(), None
+            elif suffix in fields:
+                return None
+            fields.add(suffix)
+            if tokens is None and suffix.startswith("tokens."):
+                if size % itemsize:
+                    return None
+                tokens = (start, size)
+        if key is None or tokens is None:
+            return None
+        found.append(tokens)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if expected is not None and len(found) < expected:
+        return None
+    return np.asarray(found, dtype=np.int64)
+
+
+def indexed_documents(url: str, index: np.ndarray, order, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The documents at these positions of `index` (see document_index), in this order."""
+    fd = os.open(url, os.O_RDONLY)
+    try:
+        for i in order:
+            offset, size = index[i]
+            payload = os.pread(fd, int(size), int(offset))
+            if len(payload) != size:
+                raise DataError(f"shard {url} changed while it was being read (document {i + 1} is cut short); "
+                                f"rebuild or restore it")
+            yield np.frombuffer(payload, dtype=dtype)
+    finally:
+        os.close(fd)
+
+
 def read_documents(url: str, dtype: np.dtype, on_error: str = "raise",
                    stats: dict | None = None, expected: int | None = None) -> Iterator[np.ndarray]:
     """Token arrays of the documents in one shard, in order. Errors name the shard; with
@@ -236,16 +313,23 @@ class ShardCursor:
     it has left (the manifest's counts), so all slots run out together and every stretch of the
     stream mixes K shards, wherever they lie in the corpus. A pass still reads every document of
     the reader's shards exactly once. The draw is counter-based (a hash of seed, reader, source,
-    pass and draw number), so the state stays a few integers per slot."""
+    pass and draw number), so the state stays a few integers per slot.
+
+    With `shuffle_documents`, each local shard's documents are read in a fresh seeded order per
+    pass (their places come from the tar headers, see document_index): shards written in input
+    order (a book's chapters in sequence, one source's files together) then mix as well as
+    shuffled ones. Remote shards stream, so they keep their stored order."""
 
     def __init__(self, shards: list[str], dtype: np.dtype, seed: int, reader: int, source: int,
                  on_error: str = "raise", state: dict | None = None, expected: dict | None = None,
-                 open_shards: int = 1):
+                 open_shards: int = 1, shuffle_documents: bool = False):
         if not shards:
             raise DataError(f"reader {reader} has no shards in source {source}")
         self.shards, self.dtype, self.on_error = shards, dtype, on_error
         self.expected = expected or {}  # url -> documents the manifest lists
         self.seed, self.reader, self.source = seed, reader, source
+        self.shuffle_documents = shuffle_documents
+        self._shard_id = {u: i for i, u in enumerate(shards)}
         self.k = max(1, min(int(open_shards), len(shards)))
         state = _upgrade_cursor_state(state or {})
         self.epoch = state.get("epoch", 0)
@@ -313,9 +397,25 @@ class ShardCursor:
             target -= w
         return len(weights) - 1
 
+    def _laid_out(self, url: str, epoch: int) -> tuple[np.ndarray, list[int]] | None:
+        """(document index, this pass's reading order) of a shard read out of order, or None:
+        the shard is read in stored order."""
+        if not self.shuffle_documents:
+            return None
+        index = document_index(url, self.dtype.itemsize, self.expected.get(url))
+        if index is None:
+            return None
+        order = list(range(len(index)))
+        _seeded(self.seed, "documents", self.source, self.reader, epoch, self._shard_id[url]).shuffle(order)
+        return index, order
+
     def _reader_at(self, k: int, skip: int, url: str | None = None,
                    stats: dict | None = None) -> Iterator[np.ndarray]:
         url = url or self.current_url(k)
+        laid = self._laid_out(url, self.epoch)
+        if laid is not None:
+            index, order = laid
+            return indexed_documents(url, index, order[skip:], self.dtype)
         docs = read_documents(url, self.dtype, self.on_error, self.stats if stats is None else stats,
                               self.expected.get(url))
         for _ in range(skip):  # resume mid-shard: skip what was already taken
@@ -366,6 +466,15 @@ class ShardCursor:
             for n in ns:
                 want[addresses[n][3]].append(n)
             last = max(want)
+            laid = self._laid_out(url, epoch)
+            if laid is not None:  # straight to each document
+                doc_index, order = laid
+                positions = sorted(p for p in want if p < len(order))
+                for position, doc in zip(positions, indexed_documents(url, doc_index, [order[p] for p in positions],
+                                                                     self.dtype)):
+                    for n in want[position]:
+                        out[n] = doc
+                continue
             for position, doc in enumerate(self._reader_at(k, 0, url, stats={})):
                 for n in want.get(position, ()):
                     out[n] = doc
@@ -490,14 +599,15 @@ class MixedStream:
     """Blocks drawn from several sources with fixed weights."""
 
     def __init__(self, sources: list[dict], *, reader: int, seed: int, block: int, eos_id: int,
-                 on_error: str, state: dict | None = None, open_shards: int = 1, open_documents: int = 1):
+                 on_error: str, state: dict | None = None, open_shards: int = 1, open_documents: int = 1,
+                 shuffle_documents: bool = False):
         state = state or {}
         saved = state.get("sources", [{} for _ in sources])
         dtype = block_dtype([src["dtype"] for src in sources], eos_id)
         self.packers = []
         for s, (src, st) in enumerate(zip(sources, saved)):
             cursor = ShardCursor(src["shards"], np.dtype(src["dtype"]), seed, reader, s, on_error,
-                                 st.get("cursor"), src.get("documents"), open_shards)
+                                 st.get("cursor"), src.get("documents"), open_shards, shuffle_documents)
             self.packers.append(BlockPacker(cursor, block, eos_id, st, dtype=dtype, lanes=open_documents,
                                             seed=seed, reader=reader, source=s))
         total = sum(src["weight"] for src in sources)

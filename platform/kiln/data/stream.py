@@ -28,9 +28,12 @@ __all__ = ["StreamSpec", "ResumableLoader", "assign_shards", "read_documents", "
            "train_loader"]
 
 # 2: a cursor reads several shards at once (per-slot positions) and a packer packs several
-# documents at once (per-lane addresses). Version 1 states (one of each) are still read.
-STATE_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# documents at once (per-lane addresses). 3: shuffle_documents (a shard's documents in a seeded
+# order per pass). Older states (one of each, stored order) are still read.
+STATE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# What a setting was before the state recorded it.
+_BEFORE_RECORDED = {"open_shards": 1, "open_documents": 1, "shuffle_documents": False}
 
 
 def assign_shards(urls: list[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
@@ -59,12 +62,14 @@ class StreamSpec:
     fingerprint: str = ""
     open_shards: int = 1  # shards each reader reads at once (data.open_shards)
     open_documents: int = 1  # documents each reader packs blocks from at once (data.open_documents)
+    shuffle_documents: bool = False  # each local shard's documents in a seeded order per pass
 
     def identity(self) -> dict:
         """What must match for a saved stream position to mean the same thing again."""
         return {"fingerprint": self.fingerprint, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "seed": self.seed, "shuffle_window": self.shuffle_window, "open_shards": self.open_shards,
-                "open_documents": self.open_documents, "weights": [s["weight"] for s in self.sources]}
+                "open_documents": self.open_documents, "shuffle_documents": self.shuffle_documents,
+                "weights": [s["weight"] for s in self.sources]}
 
 
 class TrainStream(IterableDataset):
@@ -98,7 +103,8 @@ class TrainStream(IterableDataset):
         def make_stream(state):
             return MixedStream(sources, reader=reader, seed=spec.seed, block=spec.seq_len + 1,
                                eos_id=spec.eos_id, on_error=spec.on_error, state=state,
-                               open_shards=spec.open_shards, open_documents=spec.open_documents)
+                               open_shards=spec.open_shards, open_documents=spec.open_documents,
+                               shuffle_documents=spec.shuffle_documents)
 
         shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
                                 state=self.reader_states.get(role))
@@ -223,9 +229,9 @@ def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int)
             + deliberately)
     config_key = {"seq_len": "data.seq_len", "batch_size": "trainer.micro_batch_size", "seed": "trainer.seed",
                   "shuffle_window": "data.shuffle_buffer", "open_shards": "data.open_shards",
-                  "open_documents": "data.open_documents"}
+                  "open_documents": "data.open_documents", "shuffle_documents": "data.shuffle_documents"}
     for key, value in spec.identity().items():
-        saved = state.get(key, 1 if key.startswith("open_") else None)  # version 1: one at a time
+        saved = state.get(key, _BEFORE_RECORDED.get(key))
         if key != "fingerprint" and saved != value:
             where = config_key.get(key, "the mixture weights")
             setting = f" ({where}={saved})" if key in config_key else ""
