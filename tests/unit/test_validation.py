@@ -63,14 +63,38 @@ def test_each_rank_reads_only_its_own_validation_shards(many_val_shards, monkeyp
             assert not set(per_rank[a]) & set(per_rank[b])
 
 
-def test_fewer_shards_than_ranks_split_blocks(small_dataset):
-    from kiln.data.validation import val_batches
+def test_fewer_shards_than_ranks_each_rank_reads_its_own_slice_of_documents(small_dataset, monkeypatch):
+    """One local validation shard, 2 ranks: rank r reads only the r-th half of its documents (laid
+    out from the tar headers), in order; remote (streamed) shards fall back to block i -> rank
+    i % world. Either way the ranks' blocks are disjoint."""
+    import kiln.data.validation as validation
+    from kiln.data.reader import read_documents
+    from kiln.data.validation import pack, val_batches
 
     m = load_manifest(small_dataset)
-    assert len(m.urls("val")) == 1
-    whole = blocks_of(val_batches(m.urls("val"), rank=0, world=1, dtype=m.token_dtype, **dict(KW, num_batches=6)))
-    ranks = [blocks_of(val_batches(m.urls("val"), rank=r, world=2, dtype=m.token_dtype, **KW)) for r in (0, 1)]
-    assert ranks[0] == whole[0::2][:12] and ranks[1] == whole[1::2][:12]
+    (url,) = m.urls("val")
+    docs = list(read_documents(url, np.dtype(m.token_dtype)))
+    read: list[int] = []
+    real = validation.indexed_documents
+
+    def counting(u, index, positions, dtype):
+        read.extend(positions)
+        return real(u, index, positions, dtype)
+
+    monkeypatch.setattr(validation, "indexed_documents", counting)
+    kw = dict(KW, num_batches=1)
+    ranks = []
+    for r, (lo, hi) in enumerate([(0, len(docs) // 2), (len(docs) // 2, len(docs))]):
+        read.clear()
+        ranks.append(blocks_of(val_batches([url], rank=r, world=2, dtype=m.token_dtype, **kw)))
+        assert read and min(read) >= lo and max(read) < hi, (r, lo, hi, min(read), max(read))
+        want = [tuple(b.tolist()) for b, _ in zip(pack(iter(docs[lo:hi]), 33, 256), range(4))]
+        assert ranks[-1] == want
+    assert not set(ranks[0]) & set(ranks[1])
+    whole = blocks_of(val_batches([url], rank=0, world=1, dtype=m.token_dtype, **dict(KW, num_batches=6)))
+    streamed = [blocks_of(val_batches([f"pipe:cat {url}"], rank=r, world=2, dtype=m.token_dtype, **KW))
+                for r in (0, 1)]
+    assert streamed[0] == whole[0::2][:12] and streamed[1] == whole[1::2][:12]
 
 
 def pipe_config(compose, root, manifest_name="manifest.json") -> dict:
@@ -114,3 +138,27 @@ def test_data_without_validation_split_is_flagged(tmp_path, compose):
     plan = plan_data(compose([f"data.path={out}"]))
     assert plan.val_split == "train" and plan.val_urls == plan.sources[0].train
     assert len(plan.warnings) == 1 and "TRAINING shards" in plan.warnings[0]
+
+
+def test_val_path_names_the_validation_shards(small_dataset, tmp_path, compose):
+    """data.val_path: a pipe: source with no validation shards of its own, or any source, evaluates
+    on the shards it names (a kiln-data directory's val split, or a pattern); bad ones fail early."""
+    from kiln.data.plan import plan_data
+    from kiln.errors import DataError
+
+    local = load_manifest(small_dataset)
+    (val,) = local.urls("val")
+    cfg = pipe_config(compose, small_dataset)
+    cfg["data"]["val_path"] = f"pipe:cat {val}"
+    plan = plan_data(cfg, check_open=True)
+    assert plan.val_urls == [f"pipe:cat {val}"] and plan.val_split == "val"
+    plan = plan_data(compose([f"data.path={small_dataset}", f"data.val_path={small_dataset}"]))
+    assert plan.val_urls == [val]
+    cfg = compose([f"data.path={small_dataset}"])
+    cfg["data"]["val_path"] = f"{tmp_path}/v-{{0..1}}.tar"
+    with pytest.raises(DataError, match="data.val_path.*does not exist"):
+        plan_data(cfg, check_open=True)
+    out = tmp_path / "noval"
+    build_shards([str(p) for p in stdlib_files(6)], out, ByteTokenizer(), val_fraction=0.0, shard_tokens=50_000)
+    with pytest.raises(ConfigError, match="data.val_path"):
+        plan_data(compose([f"data.path={small_dataset}", f"data.val_path={out}"]))

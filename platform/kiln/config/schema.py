@@ -48,6 +48,9 @@ class DataConfig:
     path: Optional[str] = None
     # Where manifest.json is, when it is not beside the shards (required for pipe: sources).
     manifest: Optional[str] = None
+    # Evaluate on these shards instead of the sources' validation splits: a kiln-data directory
+    # (its val split) or shards (brace pattern, URLs, pipe: commands) of the same tokenizer.
+    val_path: Optional[str] = None
     # Several weighted sources instead of data.path: [{path: ..., weight: 0.7}, ...]
     mixture: List[SourceConfig] = field(default_factory=list)
     # raise: a bad shard or sample stops the run (naming it); skip: skip, count, warn once per shard.
@@ -61,7 +64,10 @@ class DataConfig:
     # Sampling (README "Data"; defaults chosen with scripts/bench_sampling.py): each reader reads
     # open_shards shards at once, merging their documents at random, packs blocks from
     # open_documents documents at once (each block from one drawn at random), and shuffles the
-    # blocks in windows of shuffle_buffer blocks (0 or 1: no window shuffle).
+    # blocks in windows of shuffle_buffer blocks (0 or 1: no window shuffle). shuffle_documents:
+    # read each local shard's documents in a fresh seeded order per pass (remote shards stream in
+    # their stored order), so shards written in input order train as well as shuffled ones.
+    shuffle_documents: bool = True
     open_shards: int = 16
     open_documents: int = 64
     shuffle_buffer: int = 4096

@@ -5,6 +5,7 @@ stream spec and validation shards. The driver builds it to validate; every rank 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kiln.data.sources import Source, check_shards_open, fingerprint, resolve_sources
 from kiln.data.stream import StreamSpec
@@ -42,9 +43,42 @@ def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
         batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id, seed=tr["seed"],
         shuffle_window=data["shuffle_buffer"], on_error=data["on_error"], fingerprint=fingerprint(sources),
         open_shards=data["open_shards"], open_documents=data["open_documents"],
+        shuffle_documents=data["shuffle_documents"],
     )
-    val_urls, val_dtype, val_split, warnings = eval_shards(sources)
+    if data.get("val_path"):
+        val_urls, val_dtype = explicit_val_shards(data["val_path"], sources[0], check_open)
+        val_split, warnings = "val", []
+    else:
+        val_urls, val_dtype, val_split, warnings = eval_shards(sources)
     return DataPlan(sources, tokenizer, spec, val_urls, val_dtype, val_split, warnings)
+
+
+def explicit_val_shards(path: str, first: Source, check_open: bool) -> tuple[list[str], str]:
+    """data.val_path: a kiln-data directory (its validation split) or shards (a brace pattern,
+    URLs, pipe: commands) in the first source's token format."""
+    from braceexpand import braceexpand
+
+    from kiln.data.manifest import load_manifest
+    from kiln.data.sources import REMOTE, _abs
+    from kiln.errors import ConfigError, DataError
+
+    key = "data.val_path"
+    if not path.startswith(REMOTE) and "{" not in path and not path.endswith(".tar"):
+        m = load_manifest(_abs(path))
+        if not m.urls("val"):
+            raise ConfigError(key, f"the kiln-data directory {path} has no validation split",
+                              "rebuild it with `kiln-data ... --val-fraction 0.01`, or name shards (a brace pattern)")
+        if m.tokenizer != first.tokenizer:
+            raise ConfigError(key, f"{path} was tokenized with {m.tokenizer}, the training data ({first.name}) "
+                              f"with {first.tokenizer}", "evaluate on data written with the same tokenizer")
+        return m.urls("val"), m.token_dtype
+    urls = [u if u.startswith(REMOTE) else _abs(u) for u in braceexpand(path)]
+    if check_open:
+        missing = [u for u in urls if not u.startswith(REMOTE) and not Path(u).is_file()]
+        if missing:
+            raise DataError(f"{key}: validation shard {missing[0]} does not exist "
+                            f"({len(missing)} of {len(urls)} missing)")
+    return urls, first.dtype
 
 
 def eval_shards(sources: list[Source]) -> tuple[list[str], str, str, list[str]]:

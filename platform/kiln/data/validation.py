@@ -6,8 +6,10 @@ ranks, measures the same blocks. How the split is sliced across ranks:
 
 - at least as many validation shards as ranks: rank r reads only shards r, r + world, ... in
   order, so a rank's reading does not grow with the number of ranks;
-- fewer shards: the split is read in order and block i goes to rank i % world; a rank reads only
-  the first world x (its blocks) blocks, once per run.
+- fewer shards, local: the split's documents (found from the tar headers) are cut into world
+  contiguous slices and rank r reads only slice r: its reading does not grow with the ranks either;
+- fewer shards, remote (streamed): the split is read in order and block i goes to rank i % world;
+  a rank reads the first world x (its blocks) blocks, once per run.
 
 Either way the ranks' blocks are disjoint, and a split shorter than what is asked wraps around.
 """
@@ -19,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kiln.data.reader import read_documents
+from kiln.data.reader import document_index, indexed_documents, read_documents
 from kiln.errors import DataError
 
 
@@ -40,14 +42,23 @@ def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_s
     dt = np.dtype(dtype)
     own_shards = len(urls) >= world
     mine_urls = urls[rank::world] if own_shards else list(urls)
+    sliced = None if own_shards else document_slice(urls, rank, world, dt)
+    own_shards = own_shards or sliced is not None
+
+    def read_mine():
+        if sliced is None:
+            for url in mine_urls:
+                yield from read_documents(url, dt, on_error)
+            return
+        for url, index, positions in sliced:
+            yield from indexed_documents(url, index, positions, dt)
 
     def endless_docs():
         while True:
             n = 0
-            for url in mine_urls:
-                for doc in read_documents(url, dt, on_error):
-                    n += 1
-                    yield doc
+            for doc in read_mine():
+                n += 1
+                yield doc
             if n == 0:
                 raise DataError(f"the validation shards yielded no documents: {mine_urls[:3]}")
 
@@ -64,6 +75,26 @@ def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_s
     for _ in range(num_batches):
         arr = torch.from_numpy(np.stack([next(blocks) for _ in range(batch_size)]))
         yield arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+
+def document_slice(urls: list[str], rank: int, world: int, dtype: np.dtype) -> list | None:
+    """Rank `rank`'s contiguous world-th of the split's documents, as [(url, index, positions)],
+    or None where a shard cannot be laid out (remote, compressed...) or there are fewer
+    documents than ranks."""
+    indexes = [document_index(url, dtype.itemsize) for url in urls]
+    if any(ix is None for ix in indexes):
+        return None
+    total = sum(len(ix) for ix in indexes)
+    if total < world:
+        return None
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    out, first = [], 0
+    for url, ix in zip(urls, indexes):
+        a, b = max(lo, first), min(hi, first + len(ix))
+        if a < b:
+            out.append((url, ix, range(a - first, b - first)))
+        first += len(ix)
+    return out
 
 
 def eval_set(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int, num_batches: int,
