@@ -20,11 +20,13 @@ from kiln.errors import KilnError
 
 
 def config_dir() -> str:
-    """conf/ of this checkout (editable install), or $KILN_CONFIG_DIR."""
-    env = os.environ.get("KILN_CONFIG_DIR")
-    if env:
-        return str(Path(env).resolve())
-    return str(Path(__file__).resolve().parents[3] / "conf")
+    """kiln's config tree: $KILN_CONFIG_DIR, else the one installed with the package (the
+    checkout's conf/ in an editable install); $KILN_CONFIG_PATH's directories are searched
+    after it (kiln/config/paths.py)."""
+    from kiln.config import paths
+
+    paths.register_search_path()
+    return str(paths.config_dir())
 
 
 def prepare(cfg: DictConfig) -> dict:
