@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from kiln.checkpoint.state import read_meta
+from kiln.checkpoint.tokenizer_files import checkpoint_tokenizer, export_tokenizer
+from kiln.checkpoint.weights import (CONFIG_FILE, WEIGHTS_FILE, consolidated_state_dict, export_info, read_export,
+                                     resolve_checkpoint)
 from kiln.model.gpt import GPT, GPTConfig
 
 
@@ -69,9 +73,6 @@ def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[GPT, object, di
     or run directory) or a kiln-export directory. The tokenizer is the data's (checkpoint: from
     the dataset manifest its config names; export: from the exported tokenizer files) unless one
     is given. info: {"source": "checkpoint"|"export", "path", "step", "shape"}."""
-    from kiln.checkpoint.export import (CONFIG_FILE, WEIGHTS_FILE, checkpoint_tokenizer, export_info,
-                                        export_tokenizer, read_export, resolve_checkpoint)
-
     p = Path(path).expanduser().resolve()
     if (p / WEIGHTS_FILE).is_file() and (p / CONFIG_FILE).is_file():
         found = export_info(p)
@@ -80,9 +81,6 @@ def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[GPT, object, di
         tokenizer = tokenizer or export_tokenizer(p)
         info = {"source": "export", "path": str(p), "step": found["export"].get("step"), "shape": shape}
     else:
-        from kiln.checkpoint.state import read_meta
-        from kiln.checkpoint.weights import consolidated_state_dict
-
         ckpt = resolve_checkpoint(p)
         meta = read_meta(ckpt)
         shape, dropout = meta["model_shape"], float(meta["config"]["model"].get("dropout", 0.0))

@@ -180,7 +180,7 @@ def test_init_from_starts_a_new_run_from_the_weights(base, source):
 
 def test_init_from_export_of_another_shape_names_the_key(base):
     """What model.init_from meets (load_init_weights -> read_export) when the config differs."""
-    from kiln.checkpoint.export import read_export
+    from kiln.checkpoint.weights import read_export
     from kiln.errors import ConfigError
 
     shape = json.loads((base["export"] / "kiln_export.json").read_text())["model_shape"]

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from kiln.errors import KilnError
+from kiln.launch.env import prepare_checkpoint_tool
 
 
 def _non_negative_float(text: str) -> float:
@@ -59,12 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from kiln.launch.env import prepare_checkpoint_tool
-
     prepare_checkpoint_tool()
-    from kiln.engine.build import captured_stdout  # DeepSpeed's consolidation prints; shown only on failure
-
-    from kiln.checkpoint.export import tokenizer_from_option
+    # Lazy: these import torch, which must follow prepare_checkpoint_tool (TQDM_DISABLE); --help stays quick.
+    from kiln.checkpoint.tokenizer_files import tokenizer_from_option
+    from kiln.engine.build import captured_stdout
     from kiln.generate import generate_text, load_model
 
     try:

@@ -81,7 +81,7 @@ def check_resume(cfg: dict, plan) -> Path | None:
 def check_init_from(source: str, shape: dict) -> None:
     """model.init_from names a kiln checkpoint or export of this model's shape (checked here,
     on the driver, so a wrong path fails before any worker starts)."""
-    from kiln.checkpoint.export import check_export_shape, export_info
+    from kiln.checkpoint.weights import check_export_shape, export_info
     from kiln.checkpoint.state import check_model_shape, read_meta
     from kiln.errors import ConfigError
 
