@@ -50,21 +50,6 @@ from pathlib import Path
 GOAL = 1.5  # the issue's goal: kiln's save at most 1.5x a plain torch.save of the same state
 
 
-def compose(overrides: list[str]) -> dict:
-    """The run config exactly as kiln-train composes it (same conf/, same schema)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from kiln.cli.train import config_dir
-    from kiln.config.schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-
-
 def init_process_group() -> None:
     """As launcher=local: a single-process gloo group for DeepSpeed."""
     from kiln.launch.env import free_port, set_worker_env
@@ -83,9 +68,9 @@ def init_process_group() -> None:
 def build(args, dtype: str):
     import torch
 
+    from kiln.config.compose import compose  # the run config exactly as kiln-train composes it
     from kiln.engine.build import build_engine
-    from kiln.loop import model_shape
-    from kiln.model.gpt import GPT, GPTConfig
+    from kiln.model.gpt import GPT
 
     cfg = compose([
         "launcher=local", "logger=none", f"precision={dtype}", f"parallelism=zero{args.zero}",
@@ -94,14 +79,14 @@ def build(args, dtype: str):
         f"trainer.micro_batch_size={args.batch}", "trainer.max_steps=1000",
     ])
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_section(cfg["model"], args.vocab))
+    model = GPT(cfg.model.build(args.vocab))
     n_params = model.num_params()
-    engine, _ = build_engine(model, cfg, 1, cfg["optim"]["weight_decay"])
+    engine, _ = build_engine(model, cfg, 1)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     _, loss = engine(x[:, :-1], x[:, 1:])
     engine.backward(loss)
     engine.step()
-    return cfg, engine, model_shape(model), n_params
+    return cfg, engine, model.config.shape(), n_params
 
 
 def dir_bytes(path: Path) -> int:
@@ -147,7 +132,7 @@ def measure(args, dtype: str, root: Path) -> dict:
     for rep in range(args.reps):
         step = rep + 1
         meta = {"step": step, "tokens": 0, "world_size": 1, "model_shape": shape, "wandb_id": None,
-                "data_fingerprint": "bench", "config": cfg}
+                "data_fingerprint": "bench", "config": cfg.to_dict()}
 
         def kiln_save():
             with FileTimes(engine) as ft:

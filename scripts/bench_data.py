@@ -192,12 +192,12 @@ def describe(d: Path) -> dict:
 
 
 def spec_for(d: Path, seq_len: int, batch: int, window: int, open_shards: int = 1,
-             open_documents: int = 1, shuffle_documents: bool = False) -> StreamSpec:
+             open_documents: int = 1, shuffle_documents: bool | None = False) -> StreamSpec:
     src = resolve_source(str(d))
     eos = load_source_tokenizer(src, "/nonexistent").eos_id  # local data: nothing is fetched
-    return StreamSpec(sources=(src.to_stream(),), seq_len=seq_len, batch_size=batch, eos_id=eos, seed=1337,
-                      shuffle_window=window, fingerprint=fingerprint([src]), open_shards=open_shards,
-                      open_documents=open_documents, shuffle_documents=shuffle_documents)
+    return StreamSpec(sources=(src.to_stream(shuffle_documents),), seq_len=seq_len, batch_size=batch, eos_id=eos,
+                      seed=1337, shuffle_window=window, fingerprint=fingerprint([src]), open_shards=open_shards,
+                      open_documents=open_documents)
 
 
 def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
@@ -210,10 +210,10 @@ def parse_settings(text: str) -> list[tuple[int, int, int, int]]:
         item = item.strip()
         if item == "default":
             d = DataConfig()
-            out.append((d.shuffle_buffer, d.open_shards, d.open_documents, int(d.shuffle_documents)))
+            out.append((d.shuffle_buffer, d.open_shards, d.open_documents, d.shuffle_documents))
         elif item:
             w, k, n, docs = (item.split(":") + ["1", "1", "0"][len(item.split(":")) - 1:])[:4]
-            out.append((int(w), int(k), int(n), int(docs)))
+            out.append((int(w), int(k), int(n), None if docs == "auto" else bool(int(docs))))
     return out
 
 
@@ -247,7 +247,10 @@ def model_config(name: str, vocab: int) -> GPTConfig:
         import yaml
 
         section = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
-    return GPTConfig.from_model_section(section, vocab)
+    # A null model.vocab_size takes the tokenizer's, as in kiln-train.
+    return GPTConfig(vocab_size=section.get("vocab_size") or vocab, n_layer=section["n_layer"],
+                     n_head=section["n_head"], n_embd=section["n_embd"], block_size=section["block_size"],
+                     dropout=section.get("dropout", 0.0), bias=section.get("bias", True))
 
 
 def measure_trainer(name: str, data: Path, seconds: float, min_steps: int) -> dict:
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default="256:1:1,default",
                     help="stream settings to measure side by side, WINDOW:OPEN_SHARDS:OPEN_DOCUMENTS[:SHUFFLE_DOCUMENTS] "
                          "(data.shuffle_buffer, data.open_shards, data.open_documents, data.shuffle_documents "
-                         "0|1, default 0), comma-separated; "
+                         "0|1|auto, default 0), comma-separated; "
                          "'default' is kiln's defaults; 256:1:1 is the stream before issue 9 "
                          "(default: 256:1:1,default)")
     ap.add_argument("--workers", default="0,1,2", help="DataLoader workers to measure (default 0,1,2)")
@@ -365,9 +368,9 @@ def run(args, datasets, workers, models, clock, log) -> dict:
     for name, d in datasets:
         loader[name] = []
         for window, open_shards, open_documents, shuffle_documents in settings:
-            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards, open_documents,
-                            bool(shuffle_documents))
-            tag = f"{window}:{open_shards}:{open_documents}:{shuffle_documents}"
+            spec = spec_for(d, args.seq_len, args.batch_size, window, open_shards, open_documents, shuffle_documents)
+            order = "auto" if shuffle_documents is None else int(shuffle_documents)
+            tag = f"{window}:{open_shards}:{open_documents}:{order}"
             for w in workers:
                 try:
                     r = measure_loader(spec, w, args.seconds, clock)

@@ -91,12 +91,17 @@ def kiln_batches(root: Path, batch: int, block: int, seed: int, overrides: dict)
     defaults = DataConfig()
     fields = {f.name for f in dataclasses.fields(StreamSpec)}
     kw = {"shuffle_window": overrides.get("window", defaults.shuffle_buffer)}
-    for key in ("open_shards", "open_documents", "shuffle_documents"):  # absent before issue 9: one, stored order
+    for key in ("open_shards", "open_documents"):  # absent before issue 9: one of each
         if key in fields:
-            kw[key] = type(getattr(defaults, key))(overrides.get(key, getattr(defaults, key)))
-    spec = StreamSpec(sources=(src.to_stream(),), seq_len=block, batch_size=batch, eos_id=256, seed=seed,
+            kw[key] = overrides.get(key, getattr(defaults, key, 1))
+    stream = src.to_stream()
+    if "shuffle_documents" in stream:  # data.shuffle_documents: kiln's default (null: per source), or 0/1
+        order = overrides.get("shuffle_documents", getattr(defaults, "shuffle_documents", None))
+        stream = src.to_stream(None if order is None else bool(order))
+    spec = StreamSpec(sources=(stream,), seq_len=block, batch_size=batch, eos_id=256, seed=seed,
                       fingerprint=fingerprint([src]), **kw)
-    return ResumableLoader(spec, rank=0, world=1, num_workers=0), kw
+    return ResumableLoader(spec, rank=0, world=1, num_workers=0), dict(kw, shuffle_documents=stream.get(
+        "shuffle_documents", False))
 
 
 def lr_at(step: int, args) -> float:

@@ -17,26 +17,31 @@ import hashlib
 import json
 import math
 import re
+import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+
+from kiln.config.schema import LauncherName, load_config
+from kiln.errors import KilnError
+from kiln.identity import SweepTrial
+from kiln.launch.launcher import LocalLauncher, RayLauncher, run
+from kiln.plan import plan_run
+from kiln.tracking.console import print_line
 
 TRIAL_FILE = "trial.json"
-# Set when a trial was stopped by SIGTERM/SIGINT: the remaining trials are recorded, not run.
-stop_requested = False
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
 
 
 def swept_keys(sweeper_params: Any) -> set[str]:
     """Keys the sweep varies: sweep overrides on the command line (`optim.lr=1e-4,3e-4`, range(),
     choice()...) and the keys of hydra.sweeper.params (basic and Optuna sweepers)."""
-    import sys
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     keys = set(dict(sweeper_params or {}))
     args = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
     try:
@@ -59,19 +64,8 @@ def trial_dir_name(task_overrides: Any, sweeper_params: Any = None) -> str:
     return name
 
 
-@dataclass
-class SweepTrial:
-    sweep_name: str
-    trial: str
-    num: int
-    overrides: list[str]
-
-
 def current_trial() -> SweepTrial | None:
     """The trial this process is running under `--multirun`, or None for a single run."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
@@ -82,15 +76,49 @@ def current_trial() -> SweepTrial | None:
                       num=hc.job.num, overrides=list(hc.overrides.task))
 
 
-def apply_trial(cfg: dict, trial: SweepTrial) -> None:
-    """Give the trial its own checkpoint folder and W&B run, grouped by the sweep."""
-    from kiln.checkpoint.policy import storage_root
+class Sweep:
+    """The --multirun sweep this process runs, trial after trial (Hydra calls kiln-train's task
+    function once per trial). Its Ray trials share one launcher, so one Ray instance; a failed
+    trial is recorded and the sweep goes on; a stopped one (SIGTERM) is checkpointed and the rest
+    are recorded as not run."""
 
-    root = storage_root(cfg)
-    sweep_name = cfg["trainer"]["run_name"]
-    cfg["launcher"]["storage_path"] = f"{root.rstrip('/')}/{sweep_name}"
-    cfg["trainer"]["run_name"] = trial.trial
-    cfg["logger"]["group"] = cfg["logger"]["group"] or sweep_name
+    _this_process: "Sweep | None" = None
+
+    def __init__(self):
+        self.stopped = False
+        self.ray = RayLauncher(keep_ray=True)  # Ray stays up for the next trial
+
+    @classmethod
+    def of_this_process(cls) -> "Sweep":
+        if cls._this_process is None:
+            cls._this_process = cls()
+        return cls._this_process
+
+    def run_trial(self, cfg, trial: SweepTrial, output_dir: Path) -> float:
+        """One trial of Hydra's composed config; returns the objective Hydra's sweepers minimise."""
+        label = trial.trial.replace(",", " ")
+        if self.stopped:
+            record_trial(output_dir, trial, "not run (sweep stopped)")
+            return math.inf
+        print_line(f"trial {trial.num}: {label}")
+        try:
+            plan = plan_run(load_config(cfg), output_dir, trial=trial)
+            launcher = LocalLauncher() if plan.config.launcher.name == LauncherName.local else self.ray
+            summary = run(plan, launcher)
+        except Exception as e:
+            if not isinstance(e, KilnError):
+                traceback.print_exc()
+            print(f"kiln-train: trial {trial.num} ({label}) failed: {e}", file=sys.stderr, flush=True)
+            record_trial(output_dir, trial, "failed", error=failure_text(e))
+            return math.inf
+        if summary.get("stopped_early_at"):
+            self.stopped = True
+            status = "interrupted"
+            print_line("sweep stopped: the remaining trials are not run; run the same command to continue")
+        else:
+            status = "skipped (finished before)" if summary.get("skipped") else "done"
+        record_trial(output_dir, trial, status, summary)
+        return objective(summary)
 
 
 def record_trial(output_dir: Path, trial: SweepTrial, status: str, summary: dict | None = None,
@@ -110,8 +138,6 @@ def record_trial(output_dir: Path, trial: SweepTrial, status: str, summary: dict
 
 
 def failure_text(exc: BaseException) -> str:
-    from kiln.errors import KilnError
-
     if isinstance(exc, KilnError):
         return str(exc)
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -150,8 +176,6 @@ class TrialsTable(Callback):
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        from hydra.core.utils import JobStatus
-
         if self.sweep_dir is None:  # a single run (callbacks fire for those too)
             return
         out = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
@@ -177,8 +201,6 @@ class TrialsTable(Callback):
         (self.sweep_dir / "trials.md").write_text(format_table(rows) + "\n")
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from kiln.tracking.console import print_line
-
         if not self.rows:
             return
         rows = [self.rows[k] for k in sorted(self.rows)]

@@ -27,7 +27,7 @@ from kiln.launch.ranks import describe_ranks, read_rank_records, write_rank_reco
 
 pytestmark = pytest.mark.integration
 
-KILN = ["model=tiny", "trainer.max_steps=20", "launcher.num_workers=2", "data.num_workers=1",
+KILN = ["model=tiny", "trainer.max_steps=20", "launcher.num_workers=2", "data.num_workers=1", "trainer.run_name=kiln",
         "trainer.log_interval=1", "trainer.checkpoint_interval=10", "launcher.placement_strategy=STRICT_SPREAD"]
 
 

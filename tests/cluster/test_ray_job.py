@@ -82,8 +82,10 @@ def job_logs(cluster: RayCluster, job_id: str) -> str:
 
 
 def kiln_args(tmp_path, *extra: str) -> list[str]:
+    # Named, as the guide says: submitting the same command again continues the run.
     return ["model=tiny", "launcher.num_workers=2", "data.num_workers=1", "trainer.log_interval=1",
-            f"hydra.run.dir={tmp_path / 'run'}", f"launcher.storage_path={tmp_path / 'ck'}", *extra]
+            "trainer.run_name=kiln", f"hydra.run.dir={tmp_path / 'run'}", f"launcher.storage_path={tmp_path / 'ck'}",
+            *extra]
 
 
 @pytest.mark.timeout(480)

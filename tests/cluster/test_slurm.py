@@ -125,7 +125,7 @@ def test_sbatch_trains_two_workers_on_a_ray_cluster_and_tears_it_down(slurm, tmp
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 30 and summary["stopped_early_at"] is None
     assert summary["wandb"]["mode"] == "offline" and list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert (ck / "kiln" / "step_000000030").is_dir(), sorted(p.name for p in (ck / "kiln").iterdir())
+    assert (ck / f"slurm-{job}" / "step_000000030").is_dir(), sorted(p.name for p in (ck / f"slurm-{job}").iterdir())
     assert_cleaned_up(slurm, job)
 
 
@@ -158,9 +158,9 @@ def test_preempted_job_checkpoints_requeues_itself_and_resumes(slurm, tmp_path):
     assert 3 <= k < 60  # the stop takes a second or two to reach every rank: some steps later
     assert f"requeueing job {job}" in text
     # Second run (same job id, same command): resumes from that checkpoint, runs to max_steps.
-    assert f"resumed from {ck / 'kiln' / f'step_{k:09d}'} at step {k}" in text, text[-8000:]
+    assert f"resumed from {ck / f'slurm-{job}' / f'step_{k:09d}'} at step {k}" in text, text[-8000:]
     assert logged_steps(run) == list(range(1, 61))  # one metrics.jsonl: steps 1..k, then k+1..60
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["resumed_from_step"], summary["steps"], summary["stopped_early_at"]) == (k, 60, None)
-    assert (ck / "kiln" / "step_000000060").is_dir()
+    assert (ck / f"slurm-{job}" / "step_000000060").is_dir()
     assert_cleaned_up(slurm, job)

@@ -189,7 +189,7 @@ def test_trains_from_the_wheel(install, small_dataset):
     proc = install.kiln_train("launcher=local", "model=tiny", "trainer.max_steps=2", "logger=none",
                               "trainer.log_interval=1", "data.num_workers=0", f"data.path={small_dataset}",
                               timeout=600)
-    runs = list((install.elsewhere / "outputs" / "kiln").glob("*/summary.json"))
+    runs = list((install.elsewhere / "outputs" / "unnamed").glob("*/summary.json"))
     assert len(runs) == 1, proc.stdout  # outputs/ under the working directory, as from a checkout
     out = runs[0].parent
     summary = json.loads(runs[0].read_text())

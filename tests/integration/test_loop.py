@@ -5,7 +5,6 @@ after a resume, per-rank RNG streams. Most runs are launcher=local inside the te
 
 import json
 import re
-import signal
 import types
 
 import pytest
@@ -21,24 +20,14 @@ BASE = ["launcher=local", "model=tiny", "logger=none", "data.num_workers=0", "tr
 
 
 def run_in_process(overrides: list[str], tmp_path, name: str) -> dict:
-    """kiln-train's steps for launcher=local (validate, resolve the data, resume policy, run),
-    in this process. Returns the summary; the run's files are under tmp_path / name."""
-    from kiln.cli.train import check_resume, resolve_data
-    from kiln.config.validate import validate_config
-    from kiln.launch.local import run_local
+    """kiln-train's steps for launcher=local (compose, plan on the driver, run), in this process.
+    Returns the summary; the run's files are under tmp_path / name."""
+    from kiln.config.compose import compose
+    from kiln.launch.launcher import run
+    from kiln.plan import plan_run
 
-    cfg = compose_config([*BASE, f"launcher.storage_path={tmp_path / 'ck'}", *overrides])
-    validate_config(cfg)
-    cfg["output_dir"] = str(tmp_path / name)
-    (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    plan = resolve_data(cfg)
-    resume_from = check_resume(cfg, plan)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return run_local(cfg, resume_from)
-    finally:
-        for s, h in handlers.items():  # run_local installs kiln's stop handler
-            signal.signal(s, h)
+    cfg = compose([*BASE, f"launcher.storage_path={tmp_path / 'ck'}", *overrides])
+    return run(plan_run(cfg, tmp_path / name))
 
 
 def records(tmp_path, name: str) -> dict[int, dict]:
@@ -154,7 +143,8 @@ def test_no_validation_split_is_labelled_train(tmp_path, capsys):
 def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_dataset, monkeypatch):
     """A clock that advances one second per training step: tokens/s must equal the tokens of one
     step in every interval, also the first after resuming from a checkpoint taken between logs."""
-    import kiln.loop as loop
+    import kiln.training.fit as loop
+    import kiln.training.metrics as metrics
 
     clock = {"now": 0.0}
     real_step = loop.train_step
@@ -164,15 +154,15 @@ def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_data
         return real_step(*a, **kw)
 
     monkeypatch.setattr(loop, "train_step", timed_step)
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
     args = [f"data.path={small_dataset}", "precision=fp32", "trainer.max_steps=10", "trainer.log_interval=5",
             "trainer.checkpoint_interval=3", "trainer.keep_checkpoints=0", "trainer.eval_interval=1000"]
     run_in_process([*args, "trainer.run_name=full"], tmp_path, "full")
     step3 = tmp_path / "ck" / "full" / "step_000000003"
-    summary = run_in_process([*args, "trainer.run_name=again", f"trainer.resume={step3}"], tmp_path, "again")
+    summary = run_in_process([*args, "trainer.run_name=again", f"trainer.resume_from={step3}"], tmp_path, "again")
     full, again = records(tmp_path, "full"), records(tmp_path, "again")
     cfg = compose_config([*BASE, *args])
-    per_step = cfg["trainer"]["micro_batch_size"] * cfg["data"]["seq_len"]  # one rank, no accumulation
+    per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len  # one rank, no accumulation
     assert sorted(again) == [5, 10] and summary["resumed_from_step"] == 3
     for r in (*full.values(), *again.values()):
         assert r["tokens_per_s"] == per_step, (r["step"], r["tokens_per_s"])

@@ -103,7 +103,7 @@ def test_local_bf16_resume_within_tolerance(tmp_path):
     assert_ok(kiln_train(args + ["trainer.checkpoint_interval=10", "trainer.run_name=full"], tmp_path / "full"))
     step10 = tmp_path / "ck" / "full" / "step_000000010"
     assert_ok(kiln_train(args + ["trainer.checkpoint_interval=0", "trainer.run_name=again",
-                                 f"trainer.resume={step10}"], tmp_path / "again"))
+                                 f"trainer.resume_from={step10}"], tmp_path / "again"))
     assert_continues(losses(tmp_path / "full"), losses(tmp_path / "again"), 11, 20, atol=BF16_ATOL)
 
 
@@ -111,10 +111,10 @@ def test_local_bf16_resume_within_tolerance(tmp_path):
 def test_resume_flags_and_shape_mismatch_fail_before_workers(tmp_path):
     ck = tmp_path / "ck"
     args = ["launcher=local", "trainer.max_steps=5", "logger=none", f"launcher.storage_path={ck}"]
-    nothing = kiln_train(args + ["trainer.resume=true"], tmp_path / "r1")
+    nothing = kiln_train(args + ["trainer.resume=require"], tmp_path / "r1")
     assert nothing.returncode == 2 and "trainer.resume" in nothing.stderr and "no checkpoint" in nothing.stderr
     assert_ok(kiln_train(args, tmp_path / "r2"))
-    again = kiln_train(args + ["trainer.resume=false"], tmp_path / "r3")
+    again = kiln_train(args + ["trainer.resume=never"], tmp_path / "r3")
     assert again.returncode == 2 and "already has checkpoints" in again.stderr
     other = kiln_train(args + ["model.n_layer=3", "trainer.max_steps=10"], tmp_path / "r4")
     assert other.returncode == 2 and "model.n_layer" in other.stderr and "checkpoint 2 vs config 3" in other.stderr

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import REPO, kiln_train
-from kiln.config.validate import validate_config, validate_data, validate_devices
+from kiln.config.validate import use_gpus, validate_data
 from kiln.errors import ConfigError
 
 GROUPS = ["model", "data", "parallelism", "precision", "optim", "trainer", "launcher", "logger", "experiment"]
@@ -31,34 +31,34 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(override, compose):
     cfg = compose([override])
-    validate_config(cfg)
+    cfg.check()
     group, option = override.split("=")
     if group not in ("experiment", "data", "optim", "trainer"):
-        assert cfg[group]["name"] == option
+        assert getattr(cfg, group).name == option
 
 
 def test_defaults_are_the_embedded_demo(compose):
     cfg = compose([])
-    assert cfg["launcher"]["name"] == "ray" and cfg["launcher"]["num_workers"] == 2
-    assert cfg["launcher"]["address"] is None
-    assert cfg["parallelism"]["zero_stage"] == 2
-    assert cfg["model"]["name"] == "tiny"
-    assert cfg["logger"]["name"] == "wandb" and cfg["logger"]["mode"] == "auto"
-    assert cfg["data"]["path"] is None and cfg["data"]["seq_len"] == cfg["model"]["block_size"]
+    assert cfg.launcher.name == "ray" and cfg.launcher.num_workers == 2
+    assert cfg.launcher.address is None
+    assert cfg.parallelism.zero_stage == 2
+    assert cfg.model.name == "tiny"
+    assert cfg.logger.name == "wandb" and cfg.logger.mode == "auto"
+    assert cfg.data.path is None and cfg.data.seq_len == cfg.model.block_size
 
 
 def test_offload_presets_move_state_to_cpu(compose):
-    z2 = compose(["parallelism=zero2_offload"])["parallelism"]
-    z3 = compose(["parallelism=zero3_offload"])["parallelism"]
-    assert (z2["zero_stage"], z2["offload_optimizer"], z2["offload_param"]) == (2, "cpu", "none")
-    assert (z3["zero_stage"], z3["offload_optimizer"], z3["offload_param"]) == (3, "cpu", "cpu")
+    z2 = compose(["parallelism=zero2_offload"]).parallelism
+    z3 = compose(["parallelism=zero3_offload"]).parallelism
+    assert (z2.zero_stage, z2.offload_optimizer, z2.offload_param) == (2, "cpu", "none")
+    assert (z3.zero_stage, z3.offload_optimizer, z3.offload_param) == (3, "cpu", "cpu")
 
 
 def test_experiment_overrides_groups(compose):
     cfg = compose(["experiment=gpt2_small"])
-    assert cfg["model"]["name"] == "gpt2-small" and cfg["trainer"]["grad_accum_steps"] == 4
+    assert cfg.model.name == "gpt2-small" and cfg.trainer.grad_accum_steps == 4
     dbg = compose(["experiment=debug"])
-    assert dbg["launcher"]["name"] == "local" and dbg["logger"]["name"] == "none"
+    assert dbg.launcher.name == "local" and dbg.logger.name == "none"
 
 
 def test_unknown_key_is_rejected_with_its_name(compose):
@@ -76,7 +76,7 @@ def test_wrong_type_is_rejected_with_its_name(compose):
 
 def expect_config_error(cfg: dict, key: str) -> ConfigError:
     with pytest.raises(ConfigError) as e:
-        validate_config(cfg)
+        cfg.check()
     assert e.value.key == key, str(e.value)
     assert "fix:" in str(e.value)
     return e.value
@@ -95,9 +95,25 @@ def test_num_workers_below_one(compose):
     expect_config_error(compose(["launcher.num_workers=0"]), "launcher.num_workers")
 
 
-def test_unknown_placement_strategy(compose):
-    err = expect_config_error(compose(["launcher.placement_strategy=spread_out"]), "launcher.placement_strategy")
-    assert "STRICT_SPREAD" in str(err)
+@pytest.mark.parametrize("key,value,listed", [("launcher.placement_strategy", "spread_out", "STRICT_SPREAD"),
+                                             ("precision.dtype", "fp8", "bf16"), ("data.on_error", "ignore", "skip"),
+                                             ("logger.mode", "loud", "offline"), ("trainer.resume", "sometimes", "never")])
+def test_unknown_choice_is_rejected_naming_the_key_and_the_choices(compose, key, value, listed):
+    """Closed sets are enums in the schema: Hydra rejects an unknown value as it composes."""
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        compose([f"{key}={value}"])
+    text = str(e.value) + str(e.value.__cause__)
+    assert key.split(".")[-1] in text and value in text and listed in text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override,fix", [("trainer.resume=true", "trainer.resume=require"),
+                                          ("trainer.resume=false", "trainer.resume=never"),
+                                          ("trainer.resume=/some/step_000000010", "trainer.resume_from=/some/step_000000010"),
+                                          ("launcher.use_gpu=auto", "launcher.use_gpu=null")])
+def test_cli_explains_settings_whose_spelling_changed(tmp_path, override, fix):
+    err = cli_error(tmp_path, override)
+    assert fix in err and "Traceback" not in err
 
 
 def test_local_launcher_is_one_process(compose):
@@ -110,16 +126,16 @@ def test_param_offload_needs_stage3(compose):
 
 def test_fp16_without_gpu_is_rejected(compose):
     cfg = compose(["precision=fp16"])
-    validate_config(cfg)  # statically fine; it is the hardware that rules it out
+    cfg.check()  # statically fine; it is the hardware that rules it out
     with pytest.raises(ConfigError) as e:
-        validate_devices(cfg, gpus_available=0)
+        use_gpus(cfg, gpus_available=0)
     assert e.value.key == "precision" and "bf16" in str(e.value)
-    assert validate_devices(cfg, gpus_available=2) is True
+    assert use_gpus(cfg, gpus_available=2) is True
 
 
 def test_gpu_asked_for_but_absent(compose):
     with pytest.raises(ConfigError) as e:
-        validate_devices(compose(["launcher.use_gpu=true"]), gpus_available=0)
+        use_gpus(compose(["launcher.use_gpu=true"]), gpus_available=0)
     assert e.value.key == "launcher.use_gpu"
 
 
@@ -223,7 +239,7 @@ def test_cli_init_from_nonsense_fails_before_workers(tmp_path):
 def test_ray_job_with_relative_output_paths_warns(compose, capsys, monkeypatch):
     from kiln.cli.train import warn_job_local_paths
 
-    cfg = compose([])
+    cfg = compose(["trainer.run_name=job"])
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     warn_job_local_paths(cfg, [])
     assert capsys.readouterr().out == ""  # not a Ray job: nothing to say
@@ -231,6 +247,9 @@ def test_ray_job_with_relative_output_paths_warns(compose, capsys, monkeypatch):
     warn_job_local_paths(cfg, ["hydra.run.dir=outputs/x"])
     out = capsys.readouterr().out
     assert "hydra.run.dir and launcher.storage_path relative or unset" in out
-    cfg["launcher"]["storage_path"] = "s3://bucket/ck"
+    cfg.launcher.storage_path = "s3://bucket/ck"
     warn_job_local_paths(cfg, ["hydra.run.dir=/shared/out"])
     assert capsys.readouterr().out == ""
+    cfg.trainer.run_name = None  # resubmitting an unnamed run would start over
+    warn_job_local_paths(cfg, ["hydra.run.dir=/shared/out"])
+    assert "without trainer.run_name" in capsys.readouterr().out

@@ -10,11 +10,11 @@ def test_generated_deepspeed_config(compose):
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg["optim"]["lr"]
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.optim.lr
     sched = ds["scheduler"]["params"]
     assert sched["warmup_num_steps"] == 50 and sched["total_num_steps"] == 500
-    assert sched["warmup_type"] == "linear" and sched["cos_min_ratio"] == cfg["optim"]["min_lr_ratio"]
-    assert ds["gradient_clipping"] == cfg["optim"]["grad_clip"]
+    assert sched["warmup_type"] == "linear" and sched["cos_min_ratio"] == cfg.optim.min_lr_ratio
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
 
 
 def test_stage2_has_no_param_offload_and_fp16_scaling(compose):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from kiln.config.validate import validate_config
+from kiln.config.schema import TrainConfig
 
 KUBERAY = REPO / "launchers" / "kuberay"
 KINDS = {("ray.io/v1", "RayJob"), ("ray.io/v1", "RayCluster"), ("v1", "PersistentVolumeClaim")}
@@ -138,7 +138,7 @@ def shared_claim(container: dict, pod: dict, path: str) -> str | None:
     return volumes[best["name"]]["persistentVolumeClaim"]["claimName"]
 
 
-def cluster_problems(spec: dict, args: list[str] | None = None, cfg: dict | None = None,
+def cluster_problems(spec: dict, args: list[str] | None = None, cfg: TrainConfig | None = None,
                      exact: bool = True) -> list[str]:
     """What is wrong with a RayCluster spec, alone and for the kiln-train `args` (composed: `cfg`)
     run on it (exact: the GPUs must equal launcher.num_workers, else at least that many)."""
@@ -175,16 +175,16 @@ def cluster_problems(spec: dict, args: list[str] | None = None, cfg: dict | None
             problems.append(f"worker group {name}: replicas {replicas} outside [minReplicas, maxReplicas]")
         gpus_total += replicas * g.get("numOfHosts", 1) * gpus
         cpus = limit(c, "cpu")
-        if cfg is not None and gpus and cpus and cfg["launcher"]["cpus_per_worker"] * gpus > cpu(cpus):
+        if cfg is not None and gpus and cpus and cfg.launcher.cpus_per_worker * gpus > cpu(cpus):
             problems.append(f"worker group {name}: {gpus} ranks x launcher.cpus_per_worker="
-                            f"{cfg['launcher']['cpus_per_worker']} > the pod's {limit(c, 'cpu')} CPUs")
+                            f"{cfg.launcher.cpus_per_worker} > the pod's {limit(c, 'cpu')} CPUs")
     if args is None:
         return problems
 
     ov = overrides(args)
     if ov.get("launcher") != "ray" or str(ov.get("launcher.use_gpu")).lower() != "true":
         problems.append("the command does not ask for Ray GPU workers (launcher=ray launcher.use_gpu=true)")
-    n = int(ov.get("launcher.num_workers", cfg["launcher"]["num_workers"] if cfg else -1))
+    n = int(ov.get("launcher.num_workers", cfg.launcher.num_workers if cfg else -1))
     if (gpus_total != n) if exact else (gpus_total < n):
         problems.append(f"launcher.num_workers={n} but the worker group has {gpus_total} GPUs")
     for key in ("launcher.storage_path", "hydra.run.dir"):
@@ -301,8 +301,8 @@ def test_kiln_train_accepts_command(where, command, kind, compose):
     # The same overrides, composed as kiln-train does, pass kiln's config checks (the GPU checks
     # need the cluster and run on the driver there).
     cfg = compose(args)
-    validate_config(cfg)
-    assert cfg["trainer"]["run_name"] == ov["trainer.run_name"]
+    cfg.check()
+    assert cfg.trainer.run_name == ov["trainer.run_name"]
 
 
 # --- the checks can fail ----------------------------------------------------------------------

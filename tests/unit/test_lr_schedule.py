@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from kiln.config.schema import TrainConfig
 from kiln.engine.schedule import lr_at, schedule_params
 
 LR = 6e-4
@@ -53,15 +54,15 @@ def process_group():
     deepspeed.comm.destroy_process_group()
 
 
-def applied_rates(cfg: dict, steps: int) -> list[list[float]]:
+def applied_rates(cfg: TrainConfig, steps: int) -> list[list[float]]:
     """Run `steps` optimizer steps through build_engine and record, per step, the lr of every
     param group of the torch optimizer at the moment DeepSpeed steps it."""
     from kiln.engine.build import build_engine
-    from kiln.model.gpt import GPT, GPTConfig
+    from kiln.model.gpt import GPT
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_section(cfg["model"], 257))
-    engine, _ = build_engine(model, cfg, 1, cfg["optim"]["weight_decay"])
+    model = GPT(cfg.model.build(257))
+    engine, _ = build_engine(model, cfg, 1)
     seen: list[list[float]] = []
     wrapped = engine.optimizer.step  # ZeRO's wrapper steps the torch optimizer once per param group
 
@@ -71,7 +72,7 @@ def applied_rates(cfg: dict, steps: int) -> list[list[float]]:
 
     engine.optimizer.step = step
     x = torch.randint(0, 257, (2, 16))
-    for _ in range(steps * cfg["trainer"]["grad_accum_steps"]):
+    for _ in range(steps * cfg.trainer.grad_accum_steps):
         _, loss = engine(x, x)
         engine.backward(loss)
         engine.step()
@@ -86,14 +87,14 @@ def test_optimizer_applies_the_schedule_from_step_one(compose, process_group, pa
     p = schedule_params(cfg)
     assert len(seen) == 6  # one optimizer step per accumulation boundary
     assert [g[0] for g in seen] == [lr_at(s, **p) for s in range(1, 7)]
-    assert seen[0][0] == cfg["optim"]["lr"] / 3
+    assert seen[0][0] == cfg.optim.lr / 3
     assert all(len(set(g)) == 1 for g in seen)  # decay and no-decay groups share the rate
 
 
 @pytest.mark.parametrize("overrides", [["optim.warmup_steps=0", "trainer.max_steps=4"], ["trainer.max_steps=1"]])
 def test_warmup_zero_and_one_step_run_through_deepspeed(compose, process_group, overrides):
     cfg = compose(["model=tiny", "precision=fp32", "trainer.micro_batch_size=2", *overrides])
-    n = cfg["trainer"]["max_steps"]
+    n = cfg.trainer.max_steps
     seen = applied_rates(cfg, n)
     assert [g[0] for g in seen] == [lr_at(s, **schedule_params(cfg)) for s in range(1, n + 1)]
     assert all(r > 0 for g in seen for r in g)

@@ -17,11 +17,11 @@ GPT2_SIZES = {
 @pytest.mark.parametrize("name", list(GPT2_SIZES))
 def test_gpt2_parameter_counts_from_configs(name, compose):
     n_layer, n_head, n_embd, expected = GPT2_SIZES[name]
-    m = compose([f"model={name}"])["model"]
-    assert (m["n_layer"], m["n_head"], m["n_embd"], m["block_size"], m["vocab_size"]) == (
+    m = compose([f"model={name}"]).model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (
         n_layer, n_head, n_embd, 1024, 50257)
     with torch.device("meta"):  # no memory for 1.5B parameters needed to count them
-        model = GPT(GPTConfig.from_model_section(m, vocab_size=0))
+        model = GPT(m.build(0))
     assert model.num_params() == expected
 
 

@@ -122,9 +122,9 @@ def marked(tmp_path_factory):
     return root / "d"
 
 
-def spec_for(root, *, seq_len=63, batch=8, **kw):
+def spec_for(root, *, seq_len=63, batch=8, shuffle_documents=False, **kw):
     src = resolve_source(str(root))
-    return StreamSpec(sources=(src.to_stream(),), seq_len=seq_len, batch_size=batch, eos_id=256, seed=5,
+    return StreamSpec(sources=(src.to_stream(shuffle_documents),), seq_len=seq_len, batch_size=batch, eos_id=256, seed=5,
                       fingerprint=fingerprint([src]), **kw)
 
 
@@ -308,10 +308,8 @@ def test_mixture_keeps_its_weights_with_several_shards_open(marked, tmp_path, in
 
 @pytest.mark.parametrize("key,value", [("data.open_shards", 0), ("data.shuffle_buffer", -1)])
 def test_sampling_settings_are_checked_before_launch(compose, key, value):
-    from kiln.config.validate import validate_config
-
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(compose([f"{key}={value}"]))
+        compose([f"{key}={value}"]).check()
 
 
 # ------------------------------------------------------------- documents out of their stored order
@@ -392,6 +390,18 @@ def test_version_2_stream_state_resumes_in_stored_order(marked):
     state.pop("shuffle_documents")
     resumed = ResumableLoader(old_spec, rank=0, world=1, num_workers=0, state=state)
     assert all(torch.equal(next(resumed)[0], w) for w in want)
-    with pytest.raises(DataError, match="data.shuffle_documents=False"):
+    with pytest.raises(DataError, match="data.shuffle_documents=false"):
         ResumableLoader(spec_for(marked, shuffle_window=8, open_shards=4, open_documents=3, shuffle_documents=True),
                         rank=0, world=1, num_workers=0, state=state)
+
+
+def test_documents_are_reordered_only_where_kiln_data_did_not_shuffle(marked, tmp_path, inputs):
+    """data.shuffle_documents=null (the default): a --no-shuffle source (or one whose manifest does not
+    say) is read in a seeded order per pass; a kiln-data-shuffled one in its stored (random) order;
+    true/false force it either way."""
+    shuffled = build(inputs, tmp_path / "shuffled", val_fraction=0.0, shard_size="20k")
+    a, b = resolve_source(str(marked)), resolve_source(str(shuffled.root))
+    assert (a.shuffled, b.shuffled) == (False, True)
+    assert a.to_stream()["shuffle_documents"] and not b.to_stream()["shuffle_documents"]
+    assert b.to_stream(True)["shuffle_documents"] and not a.to_stream(False)["shuffle_documents"]
+    assert DataConfig().shuffle_documents is None

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import stdlib_files
+from kiln.config.schema import TrainConfig
 from kiln.data.build import build_shards
 from kiln.data.manifest import load_manifest
 from kiln.data.tokenizer import ByteTokenizer
@@ -97,12 +98,12 @@ def test_fewer_shards_than_ranks_each_rank_reads_its_own_slice_of_documents(smal
     assert streamed[0] == whole[0::2][:12] and streamed[1] == whole[1::2][:12]
 
 
-def pipe_config(compose, root, manifest_name="manifest.json") -> dict:
+def pipe_config(compose, root, manifest_name="manifest.json") -> TrainConfig:
     """data.path as a pipe: command per shard (how WebDataset reads S3/GCS), here a plain `cat`."""
     n = len(load_manifest(root).urls("train"))
     cfg = compose([])
-    cfg["data"].update(path=f"pipe:cat {root}/train-{{000000..{n - 1:06d}}}.tar",
-                       manifest=f"pipe:cat {root}/{manifest_name}")
+    cfg.data.path = f"pipe:cat {root}/train-{{000000..{n - 1:06d}}}.tar"
+    cfg.data.manifest = f"pipe:cat {root}/{manifest_name}"
     return cfg
 
 
@@ -149,13 +150,13 @@ def test_val_path_names_the_validation_shards(small_dataset, tmp_path, compose):
     local = load_manifest(small_dataset)
     (val,) = local.urls("val")
     cfg = pipe_config(compose, small_dataset)
-    cfg["data"]["val_path"] = f"pipe:cat {val}"
+    cfg.data.val_path = f"pipe:cat {val}"
     plan = plan_data(cfg, check_open=True)
     assert plan.val_urls == [f"pipe:cat {val}"] and plan.val_split == "val"
     plan = plan_data(compose([f"data.path={small_dataset}", f"data.val_path={small_dataset}"]))
     assert plan.val_urls == [val]
     cfg = compose([f"data.path={small_dataset}"])
-    cfg["data"]["val_path"] = f"{tmp_path}/v-{{0..1}}.tar"
+    cfg.data.val_path = f"{tmp_path}/v-{{0..1}}.tar"
     with pytest.raises(DataError, match="data.val_path.*does not exist"):
         plan_data(cfg, check_open=True)
     out = tmp_path / "noval"

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from kiln.errors import ConfigError
-
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+from kiln.model.config import SHAPE_KEYS
 
 
 def rng_state() -> dict:

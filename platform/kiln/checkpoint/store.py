@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -92,7 +93,6 @@ def fault_injection_pause(tmp: Path, step: int) -> None:
         return
     at, seconds = spec.split(":")
     if int(at) == step:
-        import time
 
         marker = tmp / "kiln" / f"SAVE_IN_PROGRESS.{os.getpid()}"
         marker.write_text(str(step))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from kiln.config.schema import DataConfig
 from kiln.data.plan import load_source_tokenizer
 from kiln.data.sources import resolve_sources
 from kiln.data.tokenizer import DEFAULT_EOS, build_tokenizer, load_tokenizer_file, tokenizer_from_manifest
@@ -42,7 +43,7 @@ def checkpoint_tokenizer(meta: dict):
     checkpoint's config names (data.path, or the first data.mixture source), as training loads it."""
     data = meta["config"]["data"]
     try:
-        sources = resolve_sources(data)
+        sources = resolve_sources(DataConfig.from_dict(data))
         return load_source_tokenizer(sources[0], data["cache_dir"])
     except (KilnError, OSError) as e:
         where = data.get("path") or [m.get("path") for m in data.get("mixture", [])]

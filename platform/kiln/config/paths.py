@@ -16,7 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+import kiln
+
 from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 TREE_ENV = "KILN_CONFIG_DIR"
@@ -28,8 +31,6 @@ def config_dir() -> Path:
     env = os.environ.get(TREE_ENV)
     if env:
         return Path(env).resolve()
-    import kiln
-
     package = Path(kiln.__file__).resolve().parent
     shipped = package / "conf"  # wheel / sdist install
     if (shipped / "train.yaml").is_file():
@@ -62,6 +63,4 @@ class KilnConfigPath(SearchPathPlugin):
 def register_search_path() -> None:
     """Make every Hydra app in this process search $KILN_CONFIG_PATH (Hydra's documented manual
     plugin registration: no `hydra_plugins` package installed beside other Hydra apps)."""
-    from hydra.core.plugins import Plugins
-
     Plugins.instance().register(KilnConfigPath)

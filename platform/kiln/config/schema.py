@@ -1,17 +1,86 @@
-"""Typed schema under the YAML in conf/.
+"""The typed config: Hydra composes conf/ onto these dataclasses, and the dataclasses travel.
 
-Hydra merges every YAML file onto these dataclasses, so a misspelt key or a value of the
-wrong type is rejected at composition time with the full key in the message
-(e.g. ``Key 'n_layr' not in 'ModelConfig'``). Semantic checks live in ``validate.py``.
+    conf/*.yaml + overrides -> Hydra (schema: misspelt keys, wrong types, unknown choices fail
+    here, naming the key) -> load_config -> TrainConfig (validated; pickles across Ray)
+
+Closed sets are enums (their values are the strings written in YAML); each section checks its own
+values (`check`), TrainConfig the ones that span sections. Every error names the key and the fix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from kiln.errors import ConfigError
+from kiln.model.config import GPTConfig
+
+
+class Choice(str, Enum):
+    """A closed set of strings: compares equal to its value and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Dtype(Choice):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Offload(Choice):
+    none = "none"
+    cpu = "cpu"
+
+
+class LauncherName(Choice):
+    local = "local"
+    ray = "ray"
+
+
+class Placement(Choice):
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+class LoggerName(Choice):
+    wandb = "wandb"
+    none = "none"
+
+
+class LoggerMode(Choice):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+# `raise` is a keyword, hence the functional form (members OnError["raise"], OnError.skip).
+OnError = Choice("OnError", [("raise", "raise"), ("skip", "skip")], module=__name__, qualname="OnError")
+
+
+class ResumeMode(Choice):
+    auto = "auto"        # a named run continues its latest checkpoint, if it has one
+    require = "require"  # continue, and fail if there is nothing to continue
+    never = "never"      # start fresh, and refuse if the run already has checkpoints
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            key = f"{section}.{name}"
+            raise ConfigError(key, f"must be at least 1, got {value}", f"set {key} to a positive integer")
 
 
 @dataclass
@@ -28,6 +97,25 @@ class ModelConfig:
     # Start from these weights (a kiln checkpoint or kiln-export directory) with a fresh
     # optimizer and schedule: continued pretraining or fine-tuning.
     init_from: Optional[str] = None
+
+    def build(self, tokenizer_vocab: int) -> GPTConfig:
+        """The model's own config; a null vocab_size takes the tokenizer's."""
+        return GPTConfig(vocab_size=self.vocab_size or tokenizer_vocab, n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, block_size=self.block_size, dropout=self.dropout, bias=self.bias)
+
+    def check(self) -> None:
+        _positive("model", self, "n_layer", "n_head", "n_embd", "block_size")
+        if self.n_embd % self.n_head != 0:
+            divisors = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
+            raise ConfigError("model.n_head", f"model.n_embd={self.n_embd} is not divisible by "
+                              f"model.n_head={self.n_head} (each head gets n_embd / n_head dimensions)",
+                              f"choose model.n_head from {divisors} or change model.n_embd")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError("model.vocab_size", f"must be positive or null, got {self.vocab_size}",
+                              "set model.vocab_size=null to take it from the tokenizer")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}",
+                              "set model.dropout to a probability, e.g. 0.0 for pretraining or 0.1")
 
 
 @dataclass
@@ -54,7 +142,7 @@ class DataConfig:
     # Several weighted sources instead of data.path: [{path: ..., weight: 0.7}, ...]
     mixture: List[SourceConfig] = field(default_factory=list)
     # raise: a bad shard or sample stops the run (naming it); skip: skip, count, warn once per shard.
-    on_error: str = "raise"
+    on_error: OnError = OnError["raise"]
     # false: when resuming a run, start the data stream over instead of continuing it exactly.
     resume_stream: bool = True
     # Tokens per training sequence; defaults to the model's context length.
@@ -66,32 +154,58 @@ class DataConfig:
     # open_documents documents at once (each block from one drawn at random), and shuffles the
     # blocks in windows of shuffle_buffer blocks (0 or 1: no window shuffle). shuffle_documents:
     # read each local shard's documents in a fresh seeded order per pass (remote shards stream in
-    # their stored order), so shards written in input order train as well as shuffled ones.
-    shuffle_documents: bool = True
+    # their stored order), so shards written in input order train as well as shuffled ones; null:
+    # only where kiln-data did not already shuffle them (its manifest says), true/false: always/never.
+    shuffle_documents: Optional[bool] = None
     open_shards: int = 16
     open_documents: int = 64
     shuffle_buffer: int = 4096
     # Where the default corpus is cached.
     cache_dir: str = "${oc.env:KILN_CACHE_DIR,${oc.env:HOME}/.cache/kiln}"
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        """A data section saved as plain data (a checkpoint's meta.json), keys of other versions ignored."""
+        known = {f.name for f in fields(cls)} - {"mixture"}
+        out = cls(**{k: v for k, v in d.items() if k in known})
+        source_keys = {f.name for f in fields(SourceConfig)}
+        out.mixture = [SourceConfig(**{k: v for k, v in m.items() if k in source_keys}) for m in d.get("mixture", [])]
+        return out
+
+    def check(self) -> None:
+        _positive("data", self, "seq_len", "open_shards", "open_documents")
+        if self.shuffle_buffer < 0:
+            raise ConfigError("data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}",
+                              "use 0 (no window shuffle) or a number of blocks (default 4096)")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", f"must be >= 0, got {self.num_workers}",
+                              "use 0 to read in the training process, or a positive number of reader processes")
+
 
 @dataclass
 class ParallelismConfig:
     name: str = MISSING
     zero_stage: int = 2
-    # "none" or "cpu": where ZeRO keeps optimizer state / (stage 3 only) parameters.
-    offload_optimizer: str = "none"
-    offload_param: str = "none"
+    # Where ZeRO keeps optimizer state / (stage 3 only) parameters.
+    offload_optimizer: Offload = Offload.none
+    offload_param: Offload = Offload.none
     # Overlap gradient reduction with the backward pass (stages 1-2).
     overlap_comm: bool = False
     contiguous_gradients: bool = True
+
+    def check(self) -> None:
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError("parallelism.zero_stage", f"{self.zero_stage} is not a ZeRO stage",
+                              "use 0, 1, 2 or 3 (or pick a preset: parallelism=zero0|zero1|zero2|zero3)")
+        if self.offload_param != Offload.none and self.zero_stage != 3:
+            raise ConfigError("parallelism.offload_param", "parameter offload needs ZeRO stage 3",
+                              "use parallelism=zero3_offload, or set parallelism.offload_param=none")
 
 
 @dataclass
 class PrecisionConfig:
     name: str = MISSING
-    # bf16 | fp16 | fp32
-    dtype: str = MISSING
+    dtype: Dtype = MISSING
     # fp16 dynamic loss scaling: initial scale is 2**initial_scale_power.
     initial_scale_power: int = 16
     loss_scale_window: int = 1000
@@ -109,6 +223,13 @@ class OptimConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
 
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"must be positive, got {self.lr}", "set optim.lr, e.g. 6e-4")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}",
+                              "set the final learning rate as a fraction of optim.lr")
+
 
 @dataclass
 class TrainerConfig:
@@ -120,26 +241,40 @@ class TrainerConfig:
     # Micro-batches per rank that make up one evaluation.
     eval_batches: int = 8
     seed: int = 1337
-    # The run's identity: checkpoints live in <launcher.storage_path>/<run_name>/.
-    run_name: str = "kiln"
+    # The run's identity: checkpoints live in <launcher.storage_path>/<run_name>/. A named run
+    # continues its checkpoints (resume=auto); null: a new run with a fresh name each time.
+    run_name: Optional[str] = None
     # Save every N steps (0: only at the end and when stopped); keep the newest K.
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
-    # auto: continue this run_name's latest checkpoint if any; true: must; false: start fresh
-    # (refuses if checkpoints exist); or a checkpoint directory to continue from.
-    resume: str = "auto"
+    resume: ResumeMode = ResumeMode.auto
+    # Start from this checkpoint directory (a step_* of another run): a new run branching from it.
+    resume_from: Optional[str] = None
+
+    def check(self) -> None:
+        _positive("trainer", self, "max_steps", "micro_batch_size", "grad_accum_steps", "log_interval",
+                  "eval_interval", "eval_batches")
+        for name in ("checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
+                                  "checkpoint_interval 0 = only at the end/when stopped; keep_checkpoints 0 = keep all")
+        if self.run_name is not None and (not self.run_name.strip() or "/" in self.run_name):
+            raise ConfigError("trainer.run_name", f"{self.run_name!r} cannot name a checkpoint directory",
+                              "use a non-empty name without '/'")
+        if self.resume_from is not None and self.resume != ResumeMode.auto:
+            raise ConfigError("trainer.resume_from", f"trainer.resume_from is set with trainer.resume={self.resume}",
+                              "leave trainer.resume=auto: resume_from already says where to start")
 
 
 @dataclass
 class LauncherConfig:
-    # local | ray
-    name: str = MISSING
+    name: LauncherName = MISSING
     num_workers: int = 1
     # null: start a local Ray instance (or join $RAY_ADDRESS when set, as under `ray job submit`);
     # "auto", "host:port" or "ray://host:port": join that cluster.
     address: Optional[str] = None
-    # auto | true | false: GPU workers where the cluster has GPUs.
-    use_gpu: str = "auto"
+    # null: GPU workers where the cluster has GPUs; true: GPUs or fail; false: CPUs.
+    use_gpu: Optional[bool] = None
     cpus_per_worker: int = 1
     # Where checkpoints (and Ray Train's run state) go: a local or shared directory, or a
     # cloud URI Ray supports (launcher=ray). null: ./checkpoints in the directory kiln-train runs from.
@@ -149,15 +284,26 @@ class LauncherConfig:
     socket_ifname: Optional[str] = None
     # How Ray places the workers: PACK (fill a node first), SPREAD (one per node where it can),
     # STRICT_SPREAD (one per node, or wait), STRICT_PACK (all on one node).
-    placement_strategy: str = "PACK"
+    placement_strategy: Placement = Placement.PACK
+
+    def check(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("launcher.num_workers", f"must be at least 1, got {self.num_workers}",
+                              "set launcher.num_workers to the number of training processes (e.g. GPUs) you want")
+        _positive("launcher", self, "cpus_per_worker")
+        if self.name == LauncherName.local and self.num_workers != 1:
+            raise ConfigError("launcher.num_workers", f"launcher=local runs one process, got {self.num_workers}",
+                              "use launcher=ray for several workers, or set launcher.num_workers=1")
+        if self.max_failures < -1:
+            raise ConfigError("launcher.max_failures", f"{self.max_failures} is invalid",
+                              "use 0 (no retries), N retries, or -1 (retry forever)")
 
 
 @dataclass
 class LoggerConfig:
-    # wandb | none
-    name: str = MISSING
-    # auto | online | offline | disabled; auto = online when W&B credentials exist, else offline.
-    mode: str = "auto"
+    name: LoggerName = MISSING
+    # auto = online when W&B credentials exist, else offline.
+    mode: LoggerMode = LoggerMode.auto
     project: str = "kiln"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -174,16 +320,42 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # Filled in by kiln-train on the driver: the run's absolute output directory.
-    output_dir: Optional[str] = None
+
+    def check(self) -> None:
+        """Every check that needs nothing but the config itself (the driver runs it before any
+        worker starts; checks against data and hardware come with the run plan)."""
+        for section in (self.model, self.data, self.parallelism, self.optim, self.trainer, self.launcher):
+            section.check()
+        if self.data.seq_len > self.model.block_size:
+            raise ConfigError("data.seq_len", f"data.seq_len={self.data.seq_len} is longer than "
+                              f"model.block_size={self.model.block_size}, the most positions the model has "
+                              f"embeddings for", f"set data.seq_len <= {self.model.block_size} or raise model.block_size")
+
+    def to_dict(self) -> dict:
+        """Plain data (enums as their strings): for W&B, checkpoint metadata and YAML."""
+        return _plain(asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_config(cfg: DictConfig) -> TrainConfig:
+    """The composed config as the typed, checked TrainConfig (interpolations resolved)."""
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed, TrainConfig):  # composed without the schema (a stray config tree)
+        raise ConfigError("defaults", "the config was not composed onto kiln's schema",
+                          "list `train_schema` first in the defaults of train.yaml")
+    typed.check()
+    return typed
 
 
 def register_configs() -> None:
     """Register the schema so that conf/train.yaml can list `train_schema` first in its defaults."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    # hydra.sweep.subdir: a trial's directory named after its overrides (kiln/sweep.py).
-    if not OmegaConf.has_resolver("kiln_trial"):
-        from kiln.sweep import trial_dir_name
-
-        OmegaConf.register_new_resolver("kiln_trial", trial_dir_name)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -345,7 +345,7 @@ class BuildReport:
 
 
 def _progress_bar(total: int, desc: str, progress: bool | None):
-    from tqdm import tqdm
+    from tqdm import tqdm  # here: only kiln-data's progress bar needs it
 
     # progress=None: a bar only when stderr is a terminal, so logs and CI output stay clean.
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,

@@ -151,7 +151,7 @@ def _read_jsonl(path: Path, text_field: str, policy: InputPolicy,
 
 def _read_parquet(path: Path, text_column: str, policy: InputPolicy,
                   progress: Callable[[int], None]) -> Iterator[Document]:
-    import pyarrow as pa
+    import pyarrow as pa  # here: a heavy import, needed only for Parquet inputs
     import pyarrow.parquet as pq
 
     try:

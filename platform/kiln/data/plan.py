@@ -1,14 +1,19 @@
-"""The data side of a run, resolved once from the `data` config section: sources, tokenizer,
-stream spec and validation shards. The driver builds it to validate; every rank builds it again
-(deterministically) to read."""
+"""The data side of a run, resolved once on the driver from the `data` config section: sources,
+tokenizer, stream spec and validation shards. It travels to the ranks inside the run plan."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.sources import Source, check_shards_open, fingerprint, resolve_sources
+from braceexpand import braceexpand
+
+from kiln.data.manifest import load_manifest
+from kiln.data.sources import (REMOTE, Source, _abs, check_shards_open, fetch_beside_manifest, fingerprint,
+                               resolve_sources)
 from kiln.data.stream import StreamSpec
+from kiln.data.tokenizer import tokenizer_from_manifest
+from kiln.errors import ConfigError, DataError
 
 
 @dataclass
@@ -23,30 +28,27 @@ class DataPlan:
 
 
 def load_source_tokenizer(source: Source, cache_dir: str):
-    from kiln.data.sources import REMOTE, fetch_beside_manifest
-    from kiln.data.tokenizer import tokenizer_from_manifest
-
     root = source.root
     if root.startswith(REMOTE) and source.tokenizer.get("type") != "byte":
         root = fetch_beside_manifest(source, source.tokenizer.get("file", "tokenizer.json"), cache_dir)
     return tokenizer_from_manifest(source.tokenizer, root)
 
 
-def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
-    data, tr = cfg["data"], cfg["trainer"]
+def plan_data(cfg, check_open: bool = False) -> DataPlan:
+    """From a TrainConfig: its data section, and the trainer's batch size and seed."""
+    data, tr = cfg.data, cfg.trainer
     sources = resolve_sources(data)
     if check_open:
         check_shards_open(sources)
-    tokenizer = load_source_tokenizer(sources[0], data["cache_dir"])
+    tokenizer = load_source_tokenizer(sources[0], data.cache_dir)
     spec = StreamSpec(
-        sources=tuple(s.to_stream() for s in sources), seq_len=data["seq_len"],
-        batch_size=tr["micro_batch_size"], eos_id=tokenizer.eos_id, seed=tr["seed"],
-        shuffle_window=data["shuffle_buffer"], on_error=data["on_error"], fingerprint=fingerprint(sources),
-        open_shards=data["open_shards"], open_documents=data["open_documents"],
-        shuffle_documents=data["shuffle_documents"],
+        sources=tuple(s.to_stream(data.shuffle_documents) for s in sources), seq_len=data.seq_len,
+        batch_size=tr.micro_batch_size, eos_id=tokenizer.eos_id, seed=tr.seed,
+        shuffle_window=data.shuffle_buffer, on_error=str(data.on_error), fingerprint=fingerprint(sources),
+        open_shards=data.open_shards, open_documents=data.open_documents,
     )
-    if data.get("val_path"):
-        val_urls, val_dtype = explicit_val_shards(data["val_path"], sources[0], check_open)
+    if data.val_path:
+        val_urls, val_dtype = explicit_val_shards(data.val_path, sources[0], check_open)
         val_split, warnings = "val", []
     else:
         val_urls, val_dtype, val_split, warnings = eval_shards(sources)
@@ -56,12 +58,6 @@ def plan_data(cfg: dict, check_open: bool = False) -> DataPlan:
 def explicit_val_shards(path: str, first: Source, check_open: bool) -> tuple[list[str], str]:
     """data.val_path: a kiln-data directory (its validation split) or shards (a brace pattern,
     URLs, pipe: commands) in the first source's token format."""
-    from braceexpand import braceexpand
-
-    from kiln.data.manifest import load_manifest
-    from kiln.data.sources import REMOTE, _abs
-    from kiln.errors import ConfigError, DataError
-
     key = "data.val_path"
     if not path.startswith(REMOTE) and "{" not in path and not path.endswith(".tar"):
         m = load_manifest(_abs(path))

@@ -29,6 +29,9 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 import numpy as np
+from webdataset import utils as wds_utils
+from webdataset import tariterators
+from webdataset.tariterators import base_plus_ext
 
 from kiln.errors import DataError
 
@@ -65,8 +68,6 @@ _plain_fields: dict[bytes, int] = {}
 
 def _is_local_file(url: str) -> bool:
     """A plain path that webdataset's gopen would open() itself (no scheme, no rewriting)."""
-    from webdataset import utils as wds_utils
-
     return (url != "-" and urlparse(url).scheme == "" and "GOPEN_REWRITE" not in os.environ
             and not getattr(wds_utils, "enforce_security", False))
 
@@ -108,8 +109,6 @@ def _local_tar_samples(url: str):
     A sample is yielded only once the next member has been read whole (or the archive ended),
     as webdataset does. Returns (finished, samples yielded): finished is False where it stopped
     at something it leaves to webdataset."""
-    from webdataset.tariterators import base_plus_ext
-
     try:
         f = open(url, "rb", buffering=0)
     except OSError:
@@ -175,9 +174,7 @@ def _tar_samples(url: str) -> Iterator[dict]:
         finished, done = yield from _local_tar_samples(url)
     if finished:
         return
-    from webdataset.tariterators import tarfile_samples
-
-    samples = tarfile_samples([{"url": url}])
+    samples = tariterators.tarfile_samples([{"url": url}])
     for _ in range(done):  # already yielded, identically, by the local reader
         if next(samples, None) is None:  # only if the file changed meanwhile
             return
@@ -191,8 +188,6 @@ def document_index(url: str, itemsize: int, expected: int | None = None) -> np.n
     shard, another member type, a duplicate field, a member past the end of the file), a sample
     without a decodable tokens.* field, or fewer documents than the manifest lists: such a shard
     is read in stored order, where those problems are reported as they always were."""
-    from webdataset.tariterators import base_plus_ext
-
     if not _is_local_file(url):
         return None
     try:
@@ -600,14 +595,16 @@ class MixedStream:
 
     def __init__(self, sources: list[dict], *, reader: int, seed: int, block: int, eos_id: int,
                  on_error: str, state: dict | None = None, open_shards: int = 1, open_documents: int = 1,
-                 shuffle_documents: bool = False):
+                 shuffle_documents: list[bool] | None = None):
+        """shuffle_documents: per source, whether its shards' documents are read in a seeded order."""
         state = state or {}
         saved = state.get("sources", [{} for _ in sources])
+        shuffle_documents = shuffle_documents or [False] * len(sources)
         dtype = block_dtype([src["dtype"] for src in sources], eos_id)
         self.packers = []
         for s, (src, st) in enumerate(zip(sources, saved)):
             cursor = ShardCursor(src["shards"], np.dtype(src["dtype"]), seed, reader, s, on_error,
-                                 st.get("cursor"), src.get("documents"), open_shards, shuffle_documents)
+                                 st.get("cursor"), src.get("documents"), open_shards, shuffle_documents[s])
             self.packers.append(BlockPacker(cursor, block, eos_id, st, dtype=dtype, lanes=open_documents,
                                             seed=seed, reader=reader, source=s))
         total = sum(src["weight"] for src in sources)

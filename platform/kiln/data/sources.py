@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from braceexpand import braceexpand
+from webdataset.gopen import gopen  # (webdataset's package attribute `gopen` is the function)
 
+from kiln.data.manifest import load_manifest
 from kiln.errors import ConfigError, DataError
 
 REMOTE = ("http://", "https://", "pipe:")
@@ -41,10 +43,16 @@ class Source:
     checksums: list[str] = field(default_factory=list)
     documents: list[int] = field(default_factory=list)  # per train shard, from the manifest
     manifest_location: str = ""  # for remote sources: where manifest.json was read from
+    shuffled: bool | None = None  # the manifest says kiln-data shuffled the documents (None: not recorded)
 
-    def to_stream(self) -> dict:
+    def to_stream(self, shuffle_documents: bool | None = None) -> dict:
+        """What the stream reads of this source. shuffle_documents None (data.shuffle_documents=null):
+        read each shard's documents in a seeded order per pass unless kiln-data already shuffled
+        them when it wrote the shards (then their stored order is random, and read sequentially)."""
+        if shuffle_documents is None:
+            shuffle_documents = not self.shuffled
         return {"name": self.name, "shards": tuple(self.train), "dtype": self.dtype, "weight": self.weight,
-                "documents": dict(zip(self.train, self.documents))}
+                "documents": dict(zip(self.train, self.documents)), "shuffle_documents": bool(shuffle_documents)}
 
 
 def _read_text(location: str) -> str:
@@ -72,12 +80,11 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
                    key: str = "data.path") -> Source:
     is_pattern = "{" in path or path.endswith(".tar")
     if not path.startswith(REMOTE) and not is_pattern and manifest is None:  # a kiln-data directory
-        from kiln.data.manifest import load_manifest
-
         m = load_manifest(path)
         shards = m.splits["train"]
         return Source(name or Path(path).name, m.urls("train"), m.urls("val"), m.token_dtype, m.tokenizer,
-                      str(m.root), weight, [s.sha256 for s in shards], [s.documents for s in shards])
+                      str(m.root), weight, [s.sha256 for s in shards], [s.documents for s in shards],
+                      shuffled=m.build.get("shuffle"))
 
     location = _manifest_location(path, manifest, key)
     try:
@@ -99,7 +106,7 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
     manifest_key = "data.manifest" if key == "data.path" else f"{key}.manifest"
     val = [beside_manifest(location, s["file"], manifest_key) for s in splits.get("val", [])]
     return Source(name or Path(base).name or "data", train, val, raw["token_dtype"], raw["tokenizer"], base,
-                  weight, checksums, documents, location)
+                  weight, checksums, documents, location, shuffled=raw.get("build", {}).get("shuffle"))
 
 
 MANIFEST_NAME = "manifest.json"
@@ -137,20 +144,20 @@ def fetch_beside_manifest(source: Source, file: str, cache_dir: str) -> Path:
     return local
 
 
-def resolve_sources(data: dict) -> list[Source]:
-    """data.path or data.mixture -> Sources, all with the same tokenizer."""
-    if data["mixture"]:
-        if data["path"] is not None:
+def resolve_sources(data) -> list[Source]:
+    """data.path or data.mixture (a DataConfig) -> Sources, all with the same tokenizer."""
+    if data.mixture:
+        if data.path is not None:
             raise ConfigError("data.mixture", "both data.path and data.mixture are set",
                               "use data.mixture alone (each entry has its own path), or set data.mixture=[]")
         sources = []
-        for i, entry in enumerate(data["mixture"]):
+        for i, entry in enumerate(data.mixture):
             key = f"data.mixture[{i}]"
-            if not entry.get("weight", 1.0) > 0:
-                raise ConfigError(f"{key}.weight", f"must be positive, got {entry.get('weight')}",
+            if not entry.weight > 0:
+                raise ConfigError(f"{key}.weight", f"must be positive, got {entry.weight}",
                                   "give every source a positive weight (they are normalised to sum to 1)")
-            sources.append(resolve_source(_abs(entry["path"]), manifest=entry.get("manifest"),
-                                          weight=float(entry.get("weight", 1.0)), name=entry.get("name"), key=key))
+            sources.append(resolve_source(_abs(entry.path), manifest=entry.manifest, weight=float(entry.weight),
+                                          name=entry.name, key=key))
         first = sources[0]
         for i, s in enumerate(sources[1:], 1):
             if s.tokenizer != first.tokenizer:
@@ -162,9 +169,9 @@ def resolve_sources(data: dict) -> list[Source]:
             for i, s in enumerate(sources):
                 s.name = f"{s.name}{i}"
         return sources
-    if data["path"] is None:
+    if data.path is None:
         raise ConfigError("data.path", "no data configured", "set data.path to a kiln-data directory")
-    return [resolve_source(_abs(data["path"]), manifest=data.get("manifest"))]
+    return [resolve_source(_abs(data.path), manifest=data.manifest)]
 
 
 def _abs(path: str) -> str:
@@ -185,7 +192,6 @@ def fingerprint(sources: list[Source]) -> str:
 def check_shards_open(sources: list[Source]) -> None:
     """Before launch: every local shard exists; the first training and the first validation
     shard of each remote source open."""
-    from webdataset.gopen import gopen  # (webdataset's package attribute `gopen` is the function)
 
     for s in sources:
         for split, urls in (("", s.train), ("validation ", s.val)):

@@ -14,8 +14,10 @@ batches prefetched but never used are simply produced again after a restart.
 from __future__ import annotations
 
 import atexit
+import os
+import signal
+import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ __all__ = ["StreamSpec", "ResumableLoader", "assign_shards", "read_documents", "
 STATE_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 # What a setting was before the state recorded it.
-_BEFORE_RECORDED = {"open_shards": 1, "open_documents": 1, "shuffle_documents": False}
+_BEFORE_RECORDED = {"open_shards": 1, "open_documents": 1}
 
 
 def assign_shards(urls: list[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
@@ -62,14 +64,18 @@ class StreamSpec:
     fingerprint: str = ""
     open_shards: int = 1  # shards each reader reads at once (data.open_shards)
     open_documents: int = 1  # documents each reader packs blocks from at once (data.open_documents)
-    shuffle_documents: bool = False  # each local shard's documents in a seeded order per pass
+    shuffle_documents: bool = False  # for sources that do not say (their "shuffle_documents" key)
 
     def identity(self) -> dict:
         """What must match for a saved stream position to mean the same thing again."""
         return {"fingerprint": self.fingerprint, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "seed": self.seed, "shuffle_window": self.shuffle_window, "open_shards": self.open_shards,
-                "open_documents": self.open_documents, "shuffle_documents": self.shuffle_documents,
+                "open_documents": self.open_documents, "shuffle_documents": self.documents_shuffled(),
                 "weights": [s["weight"] for s in self.sources]}
+
+    def documents_shuffled(self) -> list[bool]:
+        """Per source: its shards' documents read in a seeded order per pass."""
+        return [bool(s.get("shuffle_documents", self.shuffle_documents)) for s in self.sources]
 
 
 class TrainStream(IterableDataset):
@@ -104,7 +110,7 @@ class TrainStream(IterableDataset):
             return MixedStream(sources, reader=reader, seed=spec.seed, block=spec.seq_len + 1,
                                eos_id=spec.eos_id, on_error=spec.on_error, state=state,
                                open_shards=spec.open_shards, open_documents=spec.open_documents,
-                               shuffle_documents=spec.shuffle_documents)
+                               shuffle_documents=spec.documents_shuffled())
 
         shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
                                 state=self.reader_states.get(role))
@@ -192,9 +198,6 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal first would crash the run instead. So a reader outlives SIGTERM, but only for a grace
     period: should the training process never shut it down (a stuck queue at exit, say), it
     leaves on its own rather than hanging the exit forever."""
-    import os
-    import signal
-    import threading
 
     def on_term(signum, frame):
         if not getattr(on_term, "armed", False):
@@ -231,10 +234,14 @@ def check_resumable(state: dict, spec: StreamSpec, world: int, num_workers: int)
                   "shuffle_window": "data.shuffle_buffer", "open_shards": "data.open_shards",
                   "open_documents": "data.open_documents", "shuffle_documents": "data.shuffle_documents"}
     for key, value in spec.identity().items():
-        saved = state.get(key, _BEFORE_RECORDED.get(key))
+        if key == "shuffle_documents":  # before version 3: stored order
+            saved = state.get(key, [False] * len(spec.sources))
+        else:
+            saved = state.get(key, _BEFORE_RECORDED.get(key))
         if key != "fingerprint" and saved != value:
             where = config_key.get(key, "the mixture weights")
-            setting = f" ({where}={saved})" if key in config_key else ""
+            shown = str(saved[0]).lower() if key == "shuffle_documents" and len(set(saved)) == 1 else saved
+            setting = f" ({where}={shown})" if key in config_key else ""
             raise DataError(f"the data stream was saved with {key}={saved}, this run has {value}; "
                             f"restore it{setting}, or " + deliberately)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kiln.errors import DataError
 
@@ -63,8 +64,6 @@ class HFTokenizer:
     """
 
     def __init__(self, json_text: str, *, kind: str, eos_token: str | None = None, source: str = ""):
-        from tokenizers import Tokenizer
-
         self.name, self._json, self._source = kind, json_text, source or TOKENIZER_FILE
         try:
             self._tok = Tokenizer.from_str(json_text)
@@ -117,8 +116,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str = DEFAULT_EO
               min_frequency: int = 2, show_progress: bool = False) -> HFTokenizer:
     """Byte-level BPE (GPT-2 style: every byte is in the base alphabet, so any text encodes and
     decodes back exactly) with `eos_token` as its only special token, id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 258:
         raise DataError(f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs 256 "
                         f"byte tokens, the end-of-document token and at least one merge (>= 258)")

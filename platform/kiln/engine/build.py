@@ -49,10 +49,10 @@ def model_on_gpu() -> bool:
     return get_accelerator().device_name() != "cpu"
 
 
-def build_engine(model: torch.nn.Module, cfg: dict, world_size: int, weight_decay: float):
+def build_engine(model: torch.nn.Module, cfg, world_size: int):
     """The DeepSpeed engine, with kiln's LR schedule as its client scheduler (DeepSpeed steps it
     after every applied optimizer step and saves/loads its state with the model states)."""
-    import deepspeed
+    import deepspeed  # here: launchers set DeepSpeed's accelerator environment before its first import
 
     quiet_deepspeed()
     ds_cfg = deepspeed_config(cfg, world_size, on_gpu=model_on_gpu())
@@ -60,7 +60,7 @@ def build_engine(model: torch.nn.Module, cfg: dict, world_size: int, weight_deca
     with captured_stdout():
         engine, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=model.param_groups(weight_decay),
+            model_parameters=model.param_groups(cfg.optim.weight_decay),
             config=ds_json,
             lr_scheduler=client_scheduler(schedule_params(cfg)),
         )

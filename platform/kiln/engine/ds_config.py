@@ -11,46 +11,47 @@ from kiln.engine.schedule import schedule_params
 CLIENT_SCHEDULER = "kiln.WarmupCosine"  # ds["scheduler"]["type"]: not a DeepSpeed scheduler name
 
 
-def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
-    par, prec, opt, tr = cfg["parallelism"], cfg["precision"], cfg["optim"], cfg["trainer"]
-    stage = par["zero_stage"]
+def deepspeed_config(cfg, world_size: int, on_gpu: bool = True) -> dict:
+    """DeepSpeed's config for a TrainConfig, `world_size` ranks."""
+    par, prec, opt, tr = cfg.parallelism, cfg.precision, cfg.optim, cfg.trainer
+    stage = par.zero_stage
     zero: dict = {
         "stage": stage,
-        "contiguous_gradients": par["contiguous_gradients"],
-        "overlap_comm": par["overlap_comm"],
+        "contiguous_gradients": par.contiguous_gradients,
+        "overlap_comm": par.overlap_comm,
     }
-    if par["offload_optimizer"] != "none":
-        zero["offload_optimizer"] = {"device": par["offload_optimizer"], "pin_memory": True}
-    if stage == 3 and par["offload_param"] != "none":
-        zero["offload_param"] = {"device": par["offload_param"], "pin_memory": True}
+    if par.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": str(par.offload_optimizer), "pin_memory": True}
+    if stage == 3 and par.offload_param != "none":
+        zero["offload_param"] = {"device": str(par.offload_param), "pin_memory": True}
     if stage == 3:
         # Tiny models would otherwise keep everything persistent and never exercise sharding.
         zero["stage3_param_persistence_threshold"] = 0
 
-    dtype = prec["dtype"]
+    dtype = prec.dtype
     sched = schedule_params(cfg)
     ds: dict = {
-        "train_micro_batch_size_per_gpu": tr["micro_batch_size"],
-        "gradient_accumulation_steps": tr["grad_accum_steps"],
-        "train_batch_size": tr["micro_batch_size"] * tr["grad_accum_steps"] * world_size,
-        "gradient_clipping": opt["grad_clip"],
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum_steps,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum_steps * world_size,
+        "gradient_clipping": opt.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {
             "enabled": dtype == "fp16",
             "loss_scale": 0,  # 0 = dynamic loss scaling
-            "initial_scale_power": prec.get("initial_scale_power", 16),
-            "loss_scale_window": prec.get("loss_scale_window", 1000),
+            "initial_scale_power": prec.initial_scale_power,
+            "loss_scale_window": prec.loss_scale_window,
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": opt["lr"],
-                "betas": [opt["beta1"], opt["beta2"]],
-                "eps": opt["eps"],
-                "weight_decay": opt["weight_decay"],
+                "lr": opt.lr,
+                "betas": [opt.beta1, opt.beta2],
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
             },
         },
         # kiln's own schedule (engine/schedule.py), not DeepSpeed's WarmupCosineLR (which gives
@@ -66,7 +67,7 @@ def deepspeed_config(cfg: dict, world_size: int, on_gpu: bool = True) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if not on_gpu and par["offload_optimizer"] == "none":
+    if not on_gpu and par.offload_optimizer == "none":
         # DeepSpeed's CPU Adam kernel keeps beta**step as a running product inside C++ and, after a
         # resume, recomputes it with pow(): the bias correction then differs in the last bit and a
         # resumed fp32 run drifts from the uninterrupted one. torch's AdamW derives it from the

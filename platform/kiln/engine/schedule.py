@@ -15,13 +15,13 @@ import math
 from torch.optim.lr_scheduler import LRScheduler
 
 
-def schedule_params(cfg: dict) -> dict:
-    """The schedule's settings from the optim and trainer sections. Warmup is capped at
-    max_steps - 1, so that every run ends its schedule at lr * min_lr_ratio."""
-    opt, tr = cfg["optim"], cfg["trainer"]
-    max_steps = max(tr["max_steps"], 1)
-    return {"lr": opt["lr"], "warmup_steps": min(max(opt["warmup_steps"], 0), max_steps - 1),
-            "max_steps": max_steps, "min_lr_ratio": opt["min_lr_ratio"]}
+def schedule_params(cfg) -> dict:
+    """The schedule's settings from a TrainConfig's optim and trainer sections. Warmup is capped
+    at max_steps - 1, so that every run ends its schedule at lr * min_lr_ratio."""
+    opt, tr = cfg.optim, cfg.trainer
+    max_steps = max(tr.max_steps, 1)
+    return {"lr": opt.lr, "warmup_steps": min(max(opt.warmup_steps, 0), max_steps - 1),
+            "max_steps": max_steps, "min_lr_ratio": opt.min_lr_ratio}
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -8,14 +8,15 @@ import warnings
 
 
 def cuda_available() -> bool:
-    import torch
+    import torch  # here: prepare_checkpoint_tool must run before torch is first imported
 
     return torch.cuda.is_available()
 
 
-def set_worker_env(socket_ifname: str | None = None) -> None:
-    """Call before importing deepspeed in a process that trains."""
-    if not cuda_available():
+def set_worker_env(socket_ifname: str | None = None, use_gpu: bool | None = None) -> None:
+    """Call before importing deepspeed in a process that trains (use_gpu: the run's device
+    decision, where this process knows it)."""
+    if use_gpu is False or not cuda_available():
         # DeepSpeed would otherwise print a warning that it fell back to the CPU accelerator.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if socket_ifname:

@@ -14,6 +14,10 @@ import os
 import socket
 from pathlib import Path
 
+import torch.distributed as dist
+
+from kiln.tracking.console import print_line
+
 RANKS_DIR = "ranks"
 
 
@@ -76,7 +80,7 @@ def ray_node() -> tuple[str | None, str]:
     """(address, node id) of the Ray node this worker runs on: the address the node registered
     with (`ray start --node-ip-address`), not ray.util.get_node_ip_address(), which in a worker
     process is the address this host would use to reach the internet."""
-    import ray
+    import ray  # here: only Ray workers call this; a local run never imports Ray
 
     node_id = ray.get_runtime_context().get_node_id()
     for node in ray.nodes():
@@ -89,15 +93,11 @@ def record_ranks(ctx, node_ip: str | None, node_id: str | None = None) -> dict:
     """Write this rank's record; rank 0 gathers every rank's and prints the one-line summary."""
     record = rank_record(ctx, node_ip, node_id)
     write_rank_record(ctx.output_dir, record)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and ctx.world_size > 1:
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, record)  # tiny; the first collective of the run
     else:
         gathered = [record]
     if ctx.is_main:
-        from kiln.tracking.console import print_line
-
         print_line(f"ranks: {describe_ranks(gathered)}")
     return record

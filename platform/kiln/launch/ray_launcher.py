@@ -9,16 +9,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from kiln.errors import TrainingError
+from kiln.checkpoint.store import fault_injection_pause, step_dir_name
+from kiln.config.schema import LauncherConfig
+from kiln.config.validate import use_gpus
+from kiln.context import Context
+from kiln.errors import ConfigError, TrainingError
+from kiln.launch.env import set_worker_env
+from kiln.launch.ranks import ray_node, record_ranks
+from kiln.launch.stop import StopRequest
+from kiln.plan import RunPlan
+from kiln.tracking.console import print_line
+from kiln.training.fit import fit
 
 # Ray Train's V2 implementation (TrainController actor); must be set before ray.train is imported.
+# (Ray itself is imported inside the functions that use it: a local run never loads it.)
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
@@ -37,8 +47,8 @@ class RayStore:
     directory and reports it; Ray merges the parts in storage and registers the checkpoint only
     once every worker has reported. Retention is Ray's CheckpointConfig(num_to_keep)."""
 
-    def __init__(self, resume_from: str | None):
-        self.resume_from = Path(resume_from) if resume_from else None
+    def __init__(self, resume_from: Path | None):
+        self.resume_from = resume_from  # another run's checkpoint to branch from, if Ray holds none of this run
 
     @contextlib.contextmanager
     def latest(self):
@@ -54,8 +64,6 @@ class RayStore:
     def save(self, step: int, write, metrics: dict) -> None:
         import ray.train
 
-        from kiln.checkpoint.store import fault_injection_pause, step_dir_name
-
         with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
             write(Path(tmp))
             fault_injection_pause(Path(tmp), step)
@@ -64,30 +72,36 @@ class RayStore:
 
 
 @ray_remote_class(num_cpus=0)
-class StopSignal:
-    """Set by the driver on SIGTERM; polled by the workers."""
+class RunChannel:
+    """The driver's line to its workers: the stop flag (set on SIGTERM, polled by every worker)
+    and the summary rank 0 hands back at the end (so the driver needs no shared filesystem)."""
 
     def __init__(self):
-        self.flag = False
+        self.stop, self.result = False, None
 
-    def set(self) -> None:
-        self.flag = True
+    def request_stop(self) -> None:
+        self.stop = True
 
-    def is_set(self) -> bool:
-        return self.flag
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def put_summary(self, summary: dict) -> None:
+        self.result = summary
+
+    def summary(self) -> dict | None:
+        return self.result
 
 
-def watch_stop_signal(name: str) -> threading.Event:
-    """A worker-side thread that mirrors the driver's StopSignal into a local event."""
+def watch_stop_signal(channel) -> threading.Event:
+    """A worker-side thread that mirrors the driver's stop flag into a local event."""
     import ray
 
     event = threading.Event()
-    actor = ray.get_actor(name)
 
     def poll():
         while not event.is_set():
             try:
-                if ray.get(actor.is_set.remote(), timeout=10):
+                if ray.get(channel.stop_requested.remote(), timeout=10):
                     event.set()
             except Exception:  # driver gone or actor restarting: keep training, keep polling
                 pass
@@ -98,16 +112,12 @@ def watch_stop_signal(name: str) -> threading.Event:
 
 
 def _worker_fn(config: dict) -> None:
-    """Runs in every Ray Train worker process."""
-    from kiln.launch.env import set_worker_env
-
-    cfg = config["cfg"]
-    set_worker_env(cfg["launcher"]["socket_ifname"])
+    """Runs in every Ray Train worker process: the plan made on the driver, used as it is."""
+    plan: RunPlan = config["plan"]
+    set_worker_env(plan.config.launcher.socket_ifname, config["use_gpu"])
+    import ray
     import ray.train
     import ray.train.torch
-
-    from kiln.context import Context
-    from kiln.loop import train
 
     # Ray Train logs every report and checkpoint at INFO on every rank; kiln prints its own lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -118,123 +128,120 @@ def _worker_fn(config: dict) -> None:
     except (ImportError, AttributeError):
         pass
     tc = ray.train.get_context()
-    stop = watch_stop_signal(config["stop_actor"])
+    channel = ray.get_actor(config["channel"])
+    stop = watch_stop_signal(channel)
     ctx = Context(
         rank=tc.get_world_rank(),
         world_size=tc.get_world_size(),
         local_rank=tc.get_local_rank(),
         node_rank=tc.get_node_rank(),
         device=ray.train.torch.get_device(),
-        output_dir=Path(cfg["output_dir"]),
-        checkpoints=RayStore(config["resume_from"]),
+        output_dir=plan.output_dir,
+        checkpoints=RayStore(plan.resume.checkpoint if not plan.resume.own else None),
         stop_requested=stop.is_set,
     )
     # <output_dir>/ranks/rank_<r>.json: node, address, interface of this rank (written before any
     # collective, for debugging multi-node set-up); rank 0 prints "ranks: N on M nodes (...)".
-    from kiln.launch.ranks import ray_node, record_ranks
-
     record_ranks(ctx, *ray_node())
-    train(cfg, ctx)
+    summary = fit(plan, ctx)
+    if ctx.is_main:
+        ray.get(channel.put_summary.remote(summary))
 
 
-def connect(launcher: dict, num_cpus_needed: int) -> str:
-    """Join the configured cluster or start a local instance; returns a description."""
-    global _started_here
-    import ray
+class RayLauncher:
+    """Ray Train's TorchTrainer over launcher.num_workers workers. It joins (or starts) Ray once
+    and keeps the connection for every run it launches (a sweep's trials share one instance)."""
 
-    if ray.is_initialized():  # e.g. a sweep: Ray is started once and reused by every trial
-        return "existing Ray connection" + (" (local instance)" if _started_here else "")
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
-    address = launcher["address"] or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **quiet)
-        return f"Ray cluster at {address}"
-    # A fresh local instance with at least one CPU slot per worker, even on a 2-core laptop.
-    # Its token authentication is on by default; the notice about it is noise for a private instance.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus_needed), **quiet)
-    _started_here = True
-    return "local Ray instance"
+    def __init__(self, keep_ray: bool = False):
+        self.started_here = False  # whether this launcher started the Ray instance it uses
+        self.keep_ray = keep_ray  # leave Ray up even after a failure (a sweep's next trial uses it)
 
+    def connect(self, lc: LauncherConfig, num_cpus_needed: int) -> str:
+        """Join the configured cluster or start a local instance; returns a description."""
+        import ray
 
-_started_here = False  # whether this process started the Ray instance it is connected to
+        if ray.is_initialized():  # e.g. a sweep: Ray is started once and reused by every trial
+            return "existing Ray connection" + (" (local instance)" if self.started_here else "")
+        quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+        address = lc.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **quiet)
+            return f"Ray cluster at {address}"
+        # A fresh local instance with at least one CPU slot per worker, even on a 2-core laptop.
+        # Its token authentication is on by default; the notice about it is noise for a private instance.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus_needed), **quiet)
+        self.started_here = True
+        return "local Ray instance"
 
+    def check_capacity(self, lc: LauncherConfig) -> None:
+        """A local instance never grows: a worker group larger than it would wait forever."""
+        import ray
 
-def check_capacity(lc: dict) -> None:
-    """A local instance never grows: a worker group larger than it would wait forever."""
-    import ray
+        need, have = lc.num_workers * lc.cpus_per_worker, int(ray.cluster_resources().get("CPU", 0))
+        if self.started_here and need > have:
+            raise ConfigError("launcher.num_workers", f"{lc.num_workers} workers x {lc.cpus_per_worker} CPU "
+                              f"need {need} CPUs, but the local Ray instance (sized for this sweep's first trial) has "
+                              f"{have}", "list the largest trial first, or start Ray yourself (ray start --head "
+                              "--num-cpus=N) and set launcher.address")
 
-    from kiln.errors import ConfigError
+    def run(self, plan: RunPlan) -> dict:
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
 
-    need, have = lc["num_workers"] * lc["cpus_per_worker"], int(ray.cluster_resources().get("CPU", 0))
-    if _started_here and need > have:
-        raise ConfigError("launcher.num_workers", f"{lc['num_workers']} workers x {lc['cpus_per_worker']} CPU "
-                          f"need {need} CPUs, but the local Ray instance (sized for this sweep's first trial) has {have}",
-                          "list the largest trial first, or start Ray yourself (ray start --head --num-cpus=N) "
-                          "and set launcher.address")
+        lc, tr = plan.config.launcher, plan.config.trainer
+        where = self.connect(lc, lc.num_workers * lc.cpus_per_worker)
+        self.check_capacity(lc)
+        use_gpu = use_gpus(plan.config, int(ray.cluster_resources().get("GPU", 0)))
+        print_line(f"{where}: {lc.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s)")
 
-
-def run_ray(cfg: dict, resume_from: Path | None, keep_ray: bool = False) -> dict:
-    """keep_ray: leave Ray running afterwards, even after a failure (a sweep's next trial uses it)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from kiln.checkpoint.policy import storage_root
-    from kiln.config.validate import validate_devices
-    from kiln.tracking.console import print_line
-
-    lc, tr = cfg["launcher"], cfg["trainer"]
-    where = connect(lc, lc["num_workers"] * lc["cpus_per_worker"])
-    check_capacity(lc)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = validate_devices(cfg, gpus)
-    print_line(f"{where}: {lc['num_workers']} {'GPU' if use_gpu else 'CPU'} worker(s)")
-
-    output_dir = Path(cfg["output_dir"])
-    stop_name = f"kiln-stop-{uuid.uuid4().hex[:12]}"
-    stop_actor = ray.remote(**StopSignal._ray_options)(StopSignal).options(name=stop_name).remote()
-    # No print patching: Ray Train V2 would echo every worker print a second time via its logger.
-    worker_env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    for var in ("KILN_FAULT_SAVE_PAUSE", "WANDB_MODE", "KILN_CACHE_DIR"):
-        if os.environ.get(var):
-            worker_env[var] = os.environ[var]
-    if lc["socket_ifname"]:
-        # In the workers' environment from their start: Ray Train creates the gloo/NCCL process
-        # group before kiln's worker function runs, so setting it there would be too late.
-        worker_env.update(GLOO_SOCKET_IFNAME=lc["socket_ifname"], NCCL_SOCKET_IFNAME=lc["socket_ifname"])
-    trainer = TorchTrainer(
-        _worker_fn,
-        # plain dicts and strings: never OmegaConf objects across Ray
-        train_loop_config={"cfg": cfg, "stop_actor": stop_name,
-                           "resume_from": str(resume_from) if resume_from else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=lc["num_workers"],
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": lc["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
-            placement_strategy=lc["placement_strategy"],
-        ),
-        run_config=RunConfig(
-            name=tr["run_name"],
-            storage_path=storage_root(cfg),
-            failure_config=FailureConfig(max_failures=lc["max_failures"]),
-            checkpoint_config=CheckpointConfig(num_to_keep=tr["keep_checkpoints"] or None),
-            worker_runtime_env={"env_vars": worker_env},
-        ),
-    )
-    try:
-        error = fit_until_done(trainer, stop_actor)
-    finally:
-        ray.kill(stop_actor)
-    if error is not None:  # Ray wraps the worker's exception; surface the worker's own message
-        logs = ray_logs_dir()
-        if not keep_ray:
-            ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
-        raise TrainingError(f"training failed on the Ray workers:\n{worker_message(error)}\n"
-                            f"  (full worker tracebacks are above, and in Ray's logs under {logs})"
-                            ) from error
-    return read_summary(output_dir)
+        channel_name = f"kiln-run-{uuid.uuid4().hex[:12]}"
+        channel = ray.remote(**RunChannel._ray_options)(RunChannel).options(name=channel_name).remote()
+        # No print patching: Ray Train V2 would echo every worker print a second time via its logger.
+        worker_env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        for var in ("KILN_FAULT_SAVE_PAUSE", "WANDB_MODE", "KILN_CACHE_DIR"):
+            if os.environ.get(var):
+                worker_env[var] = os.environ[var]
+        if lc.socket_ifname:
+            # In the workers' environment from their start: Ray Train creates the gloo/NCCL process
+            # group before kiln's worker function runs, so setting it there would be too late.
+            worker_env.update(GLOO_SOCKET_IFNAME=lc.socket_ifname, NCCL_SOCKET_IFNAME=lc.socket_ifname)
+        trainer = TorchTrainer(
+            _worker_fn,
+            train_loop_config={"plan": plan, "channel": channel_name, "use_gpu": use_gpu},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=lc.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": lc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                placement_strategy=str(lc.placement_strategy),
+            ),
+            run_config=RunConfig(
+                name=plan.run_name,
+                storage_path=plan.storage,
+                failure_config=FailureConfig(max_failures=lc.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=tr.keep_checkpoints or None),
+                worker_runtime_env={"env_vars": worker_env},
+            ),
+        )
+        try:
+            with StopRequest("asking all workers to checkpoint and stop", on_stop=channel.request_stop.remote):
+                error = fit_until_done(trainer)
+            summary = None if error is not None else ray.get(channel.summary.remote())
+        finally:
+            ray.kill(channel)
+        if error is not None:  # Ray wraps the worker's exception; surface the worker's own message
+            logs = ray_logs_dir()
+            if not self.keep_ray:
+                ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
+                self.started_here = False
+            raise TrainingError(f"training failed on the Ray workers:\n{worker_message(error)}\n"
+                                f"  (full worker tracebacks are above, and in Ray's logs under {logs})"
+                                ) from error
+        if summary is None:
+            raise TrainingError("training finished but rank 0 handed back no summary (see the workers' output above)")
+        return summary
 
 
 def ray_logs_dir() -> str:
@@ -247,39 +254,20 @@ def ray_logs_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def fit_until_done(trainer, stop_actor) -> BaseException | None:
-    """trainer.fit() in a thread, so that the main thread stays free for signals: the first
-    SIGTERM/SIGINT asks every worker to checkpoint and stop at one agreed step."""
+def fit_until_done(trainer) -> BaseException | None:
+    """trainer.fit() in a thread, so that the main thread stays free for signals (StopRequest)."""
     outcome: dict = {}
 
-    def fit():
+    def fit_all():
         try:
             trainer.fit()
         except BaseException as e:  # reported to the main thread
             outcome["error"] = e
 
-    thread = threading.Thread(target=fit, name="kiln-fit", daemon=True)
-    requested = threading.Event()
-
-    def handler(signum, frame):
-        from kiln.tracking.console import print_line
-
-        if requested.is_set():  # second signal: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        requested.set()
-        print_line(f"{signal.Signals(signum).name}: asking all workers to checkpoint and stop "
-                   f"(send it again to stop at once)")
-        stop_actor.set.remote()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    thread = threading.Thread(target=fit_all, name="kiln-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
     return outcome.get("error")
 
 
@@ -309,17 +297,3 @@ def _last_error_line(text: str) -> str:
         if head.endswith(("Error", "Exception", "Interrupt", "Exit")) and " " not in head:
             return line.replace("kiln.errors.", "")
     return lines[-1] if lines else text
-
-
-def read_summary(output_dir: Path) -> dict:
-    import json
-
-    from kiln.tracking.tracker import SUMMARY
-
-    path = output_dir / SUMMARY
-    if not path.is_file():
-        raise TrainingError(
-            f"training finished but rank 0's {path} is not visible on the driver; "
-            f"on multi-node clusters put the run's output directory (hydra.run.dir) on shared storage"
-        )
-    return json.loads(path.read_text())

@@ -7,35 +7,12 @@ Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh, V
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
-    dropout: float = 0.0
-    bias: bool = True
-
-    @classmethod
-    def from_model_section(cls, model: dict, vocab_size: int) -> "GPTConfig":
-        """Build from the resolved `model` config section; vocab_size fills a null model.vocab_size."""
-        return cls(
-            vocab_size=model.get("vocab_size") or vocab_size,
-            n_layer=model["n_layer"],
-            n_head=model["n_head"],
-            n_embd=model["n_embd"],
-            block_size=model["block_size"],
-            dropout=model.get("dropout", 0.0),
-            bias=model.get("bias", True),
-        )
+from kiln.model.config import GPTConfig
 
 
 class CausalSelfAttention(nn.Module):

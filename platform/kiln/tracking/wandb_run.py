@@ -16,35 +16,34 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def resolve_mode(logger_cfg: dict) -> str:
+def resolve_mode(logger_cfg) -> str:
     """auto -> online when credentials exist, else offline; 'none' logger -> disabled."""
-    if logger_cfg["name"] == "none":
+    if logger_cfg.name == "none":
         return "disabled"
-    mode = logger_cfg["mode"]
-    if mode == "auto":
+    if logger_cfg.mode == "auto":
         return "online" if has_wandb_credentials() else "offline"
-    return mode
+    return str(logger_cfg.mode)
 
 
 class WandbRun:
-    def __init__(self, cfg: dict, output_dir: Path, resume_id: str | None = None):
-        import wandb
+    def __init__(self, cfg, output_dir: Path, resume_id: str | None = None):
+        import wandb  # here: W&B takes seconds to import, and only rank 0 of a logged run needs it
 
-        self.mode = resolve_mode(cfg["logger"])
-        lg = cfg["logger"]
+        self.mode = resolve_mode(cfg.logger)
+        lg = cfg.logger
         os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner would break kiln's console
         self.run = wandb.init(
-            project=lg["project"],
-            entity=lg["entity"],
-            group=lg["group"],
-            tags=list(lg["tags"]) or None,
-            name=cfg["trainer"]["run_name"],
+            project=lg.project,
+            entity=lg.entity,
+            group=lg.group,
+            tags=list(lg.tags) or None,
+            name=cfg.trainer.run_name,
             # A resumed kiln run continues its W&B run: same id, the step axis carrying on.
             id=resume_id,
             resume="allow" if resume_id else None,
             dir=str(output_dir),
             mode=self.mode,
-            config=cfg,
+            config=cfg.to_dict(),
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         self.dir = Path(self.run.dir).parent if self.run is not None else None  # .../wandb/<run>

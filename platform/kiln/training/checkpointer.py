@@ -1,0 +1,46 @@
+"""The checkpointer: owns the launcher's store, the save interval, writing and loading."""
+
+from __future__ import annotations
+
+import time
+
+from kiln.checkpoint.state import load_checkpoint, write_checkpoint
+from kiln.context import Context
+from kiln.plan import RunPlan
+from kiln.tracking.console import print_line
+from kiln.training.state import TrainState
+
+
+class Checkpointer:
+    def __init__(self, plan: RunPlan, ctx: Context, engine, tokens_per_step: int):
+        tr = plan.config.trainer
+        self.store, self.ctx, self.engine = ctx.checkpoints, ctx, engine
+        self.interval, self.max_steps, self.tokens_per_step = tr.checkpoint_interval, tr.max_steps, tokens_per_step
+        self.meta = {"world_size": ctx.world_size, "model_shape": plan.model.shape(),
+                     "data_fingerprint": plan.data.spec.fingerprint, "config": plan.config.to_dict()}
+        self.seconds = 0.0  # spent saving (not training time)
+
+    def due(self, step: int, stop: bool) -> bool:
+        return (self.interval > 0 and step % self.interval == 0) or step == self.max_steps or stop
+
+    def restore(self, state: TrainState) -> dict:
+        """Load the run's latest checkpoint (or the one it branches from) into the engine and
+        `state`; returns its meta ({} when starting fresh)."""
+        with self.store.latest() as ckpt:
+            if ckpt is None:
+                return {}
+            meta, loop_state = load_checkpoint(ckpt, engine=self.engine, rank=self.ctx.rank,
+                                               world_size=self.ctx.world_size)
+            if self.ctx.is_main:
+                print_line(f"resumed from {ckpt} at step {meta['step']}")
+        state.load_state_dict(loop_state)
+        return meta
+
+    def save(self, state: TrainState, data_position: dict, metrics: dict, wandb_id: str | None) -> None:
+        began, step = time.perf_counter(), state.step
+        meta = dict(self.meta, step=step, tokens=step * self.tokens_per_step, wandb_id=wandb_id)
+        loop_state = state.state_dict(data_position)
+        self.store.save(step, lambda d: write_checkpoint(d, engine=self.engine, rank=self.ctx.rank, step=step,
+                                                         loop_state=loop_state, meta=meta),
+                        {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self.seconds += time.perf_counter() - began

@@ -1,0 +1,131 @@
+"""fit: the training loop, the same for every launcher.
+
+    build the model (shared seed) and its engine; restore the train state from a checkpoint
+    for step in step+1 .. max_steps: forward/backward/step -> check -> log -> eval -> save
+    summary
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from kiln.checkpoint.state import set_rng_state
+from kiln.checkpoint.weights import load_init_weights
+from kiln.context import Context
+from kiln.data.stream import ResumableLoader
+from kiln.engine.build import build_engine, needs_own_grad_norm
+from kiln.model.gpt import GPT
+from kiln.plan import RunPlan
+from kiln.tracking.console import print_line
+from kiln.tracking.tracker import NullTracker, Tracker
+from kiln.training.checkpointer import Checkpointer
+from kiln.training.evaluator import Evaluator
+from kiln.training.metrics import MetricsLogger
+from kiln.training.state import TrainState
+from kiln.training.step import GradWatch, any_rank, as_float, train_step
+
+
+def fit(plan: RunPlan, ctx: Context) -> dict:
+    """Train to trainer.max_steps from wherever the run's checkpoints left it; returns the run's
+    summary (rank 0's is complete)."""
+    cfg, tr = plan.config, plan.config.trainer
+    model, n_params = build_model(plan, ctx.rank)
+    engine, _ = build_engine(model, cfg, ctx.world_size)
+    tokens_per_step = tr.micro_batch_size * tr.grad_accum_steps * cfg.data.seq_len * ctx.world_size
+    state, checkpointer = TrainState(ctx.device), Checkpointer(plan, ctx, engine, tokens_per_step)
+    meta = checkpointer.restore(state)
+    batches = ResumableLoader(plan.data.spec, rank=ctx.rank, world=ctx.world_size, num_workers=cfg.data.num_workers,
+                              state=state.data if cfg.data.resume_stream else None)
+    if state.rng is not None:
+        set_rng_state(state.rng)  # last: creating the loader above draws from the RNG
+    tracker = Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id")) if ctx.is_main else NullTracker()
+    announce(plan, ctx, n_params)
+    meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step), Evaluator(plan, ctx)
+    watch, own_norm, stopped_at = GradWatch(ctx.device, str(cfg.precision.dtype)), needs_own_grad_norm(engine), None
+    try:
+        while state.step < tr.max_steps:
+            lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves after it)
+            step_loss, norm = train_step(engine, batches, ctx.device, tr.grad_accum_steps, own_norm)
+            state.add(step_loss)
+            meter.step_done()
+            watch.add(norm)
+            stop = any_rank(ctx.stop_requested(), ctx.device)
+            log, evaluate, save = meter.due(state.step, stop), evaluator.due(state.step), checkpointer.due(state.step, stop)
+            metrics = {"step": state.step}
+            if log or evaluate or save:  # never save (nor log) without checking for divergence
+                loss = watch.check(state.interval_loss, state.interval_steps, norm, state.step, lr)
+            if log or evaluate:
+                metrics = meter.record(loss, lr, as_float(norm), batches)
+                if evaluate:
+                    metrics.update(evaluator(engine))
+                meter.write(metrics)
+            if save:
+                with meter.paused():
+                    checkpointer.save(state, batches.state_dict(), metrics, getattr(tracker, "wandb_id", None))
+            if stop:
+                stopped_at = state.step
+                if ctx.is_main:
+                    print_line(f"stop requested: saved a checkpoint at step {state.step}; run the same command to resume")
+                break
+    finally:
+        batches.close()  # stop reader processes before interpreter exit
+    return tracker.finish(summary(plan, ctx, state, meter, batches, n_params, stopped_at, tokens_per_step))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Each rank's seed after model init (dropout masks, sampling): distinct per rank and per run
+    seed, derived from both (seed + rank would give run seed 1's rank 1 the stream of seed 2's rank 0)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
+def build_model(plan: RunPlan, rank: int) -> tuple[GPT, int]:
+    """The model with the same initial weights on every rank (or model.init_from's); then each
+    rank draws its own random numbers (a resumed rank restores its saved RNG state later)."""
+    seed = plan.config.trainer.seed
+    seed_everything(seed)
+    model = GPT(plan.model)
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
+    if plan.config.model.init_from:
+        load_init_weights(model, plan.config.model.init_from, plan.model.shape())
+    seed_everything(rank_seed(seed, rank))
+    return model, n_params
+
+
+def announce(plan: RunPlan, ctx: Context, n_params: int) -> None:
+    if not ctx.is_main:
+        return
+    cfg = plan.config
+    print_line(f"model: {n_params:,} parameters; {ctx.world_size} rank(s) on {ctx.device}; "
+               f"ZeRO-{cfg.parallelism.zero_stage} {cfg.precision.dtype}")
+    for warning in plan.data.warnings:
+        print_line(f"warning: {warning}")
+
+
+def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger, batches: ResumableLoader,
+            n_params: int, stopped_at: int | None, tokens_per_step: int) -> dict:
+    last = state.last
+    steps = last.get("step", state.resumed_from)
+    return {
+        "run_name": plan.run_name,
+        "steps": steps,
+        "resumed_from_step": state.resumed_from or None,
+        "stopped_early_at": stopped_at,
+        "final_loss": last.get("loss"),
+        "final_eval_loss": last.get("eval_loss"),
+        "eval_split": plan.data.val_split,
+        "tokens": steps * tokens_per_step,
+        "tokens_per_s": meter.steady_tokens_per_s(),
+        "parameters": n_params,
+        "world_size": ctx.world_size,
+        "data": batches.stats(),
+        "output_dir": str(ctx.output_dir),
+    }

@@ -1,0 +1,120 @@
+"""One optimizer step, and the checks the ranks agree on between steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from kiln.errors import TrainingError
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    return (_all_reduce(value.detach().float().clone()) / world()).item()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any: how ranks agree on a step to stop at."""
+    return bool(_all_reduce(torch.tensor([1 if flag else 0], device=device), dist.ReduceOp.MAX).item())
+
+
+def local_grad_norm(engine) -> torch.Tensor:
+    """2-norm of the gradients DeepSpeed is about to clip and apply. Called after the boundary
+    micro-batch's backward, where ZeRO-0 has all-reduced them: the global pre-clipping norm,
+    the same on every rank. Stays on the device (no host sync)."""
+    params = list(engine.module.parameters())
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    if not norms:
+        return torch.zeros((), device=params[0].device)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def train_step(engine, batches, device: torch.device, grad_accum: int, own_norm: bool = False
+               ) -> tuple[torch.Tensor, object]:
+    """One optimizer step over `grad_accum` micro-batches. Returns their mean loss (local) and
+    the step's global gradient norm before clipping (a tensor or a float; None if unknown)."""
+    total = torch.zeros((), device=device)
+    norm = None
+    for i in range(grad_accum):
+        x, y = next(batches)
+        _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        engine.backward(loss)
+        if own_norm and i == grad_accum - 1:
+            norm = local_grad_norm(engine)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        total += loss.detach().float()
+    if not own_norm:
+        norm = engine.get_global_grad_norm()
+    return total / grad_accum, norm
+
+
+def as_float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+class GradWatch:
+    """Counts the steps since the last check whose gradient norm was not finite, on the device
+    (no host sync per step). Under fp16 a non-finite norm is loss scaling at work (DeepSpeed
+    skips the step and lowers the scale), so it does not count there."""
+
+    def __init__(self, device: torch.device, dtype: str):
+        self.device, self.counts = device, dtype != "fp16"
+        self.on_device = torch.zeros((), device=device)
+        self.on_host = 0
+        self.checked_at = 0  # the last step checked
+
+    def add(self, norm) -> None:
+        if not self.counts or norm is None:
+            return
+        if torch.is_tensor(norm):
+            self.on_device += (~torch.isfinite(norm.detach().float())).float().to(self.device)
+        elif not math.isfinite(float(norm)):
+            self.on_host += 1
+
+    def check(self, interval_loss: torch.Tensor, interval_steps: int, norm, step: int, lr: float) -> float:
+        """The mean loss of the steps since the last log, all ranks agreeing (one all-reduce, which
+        also syncs the device); raises if the run diverged since the last check (check_finite)."""
+        t = torch.stack([interval_loss.detach().float() / max(interval_steps, 1),
+                         (self.on_device + self.on_host).float()])
+        _all_reduce(t)
+        t[0] /= world()
+        loss, bad = t.tolist()
+        check_finite(loss, as_float(norm), int(bad), step, self.checked_at, lr)
+        self.on_device.zero_()
+        self.on_host, self.checked_at = 0, step
+        return loss
+
+
+def check_finite(loss: float, grad: float | None, bad_steps: int, step: int, since: int, lr: float) -> None:
+    """A diverged run stops with an error (its last checkpoint kept) instead of training on NaNs.
+    Checked on every step that logs, evaluates or saves, so no checkpoint is ever written from a
+    diverged run: `loss` is the mean loss of the steps since the last log, `bad_steps` counts the
+    steps after `since` whose gradient norm was not finite (outside fp16, where loss scaling
+    makes that normal, a non-finite norm means DeepSpeed skipped the step: the run has diverged).
+    All values are global (the same on every rank): all ranks stop together."""
+    if math.isfinite(loss) and not bad_steps:
+        return
+    if not math.isfinite(loss):
+        what = f"the loss is {loss} at step {step}"
+    elif grad is not None and not math.isfinite(grad):
+        what = f"the gradient norm is {grad} (loss {loss:.4g}) at step {step}"
+    else:
+        what = (f"the gradient norm was not finite at {bad_steps} step(s) of steps {since + 1}-{step} "
+                f"(loss {loss:.4g}) at step {step}")
+    raise TrainingError(
+        f"training diverged: {what} (lr {lr:.2e}); no checkpoint "
+        f"was written after it. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, then "
+        f"start a new run (trainer.run_name) or resume from an earlier checkpoint")
