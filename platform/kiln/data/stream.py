@@ -64,7 +64,6 @@ class StreamSpec:
     fingerprint: str = ""
     open_shards: int = 1  # shards each reader reads at once (data.open_shards)
     open_documents: int = 1  # documents each reader packs blocks from at once (data.open_documents)
-    shuffle_documents: bool = False  # for sources that do not say (their "shuffle_documents" key)
 
     def identity(self) -> dict:
         """What must match for a saved stream position to mean the same thing again."""
@@ -74,8 +73,9 @@ class StreamSpec:
                 "weights": [s["weight"] for s in self.sources]}
 
     def documents_shuffled(self) -> list[bool]:
-        """Per source: its shards' documents read in a seeded order per pass."""
-        return [bool(s.get("shuffle_documents", self.shuffle_documents)) for s in self.sources]
+        """Per source: its shards' documents read in a seeded order per pass (Source.to_stream
+        decides it; a source given without the key is read in stored order)."""
+        return [bool(s.get("shuffle_documents", False)) for s in self.sources]
 
 
 class TrainStream(IterableDataset):
