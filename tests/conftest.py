@@ -14,21 +14,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/helpers
 
 
-def starts_ray(item) -> bool:
-    path = Path(str(item.fspath))
-    return (path.parent.name == "cluster" or path.name in ("test_bad_shards.py", "test_sweep.py")
-            or item.name.startswith("test_ray_"))
+def xdist_group(item) -> str | None:
+    """tests/cluster/ (each starts its own Ray cluster, Slurm or network namespaces) is one group;
+    the tests named test_ray_* (kiln's Ray launcher on this host) another."""
+    if Path(str(item.fspath)).parent.name == "cluster":
+        return "cluster"
+    return "ray" if item.name.startswith("test_ray_") else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (pyproject: -n 2 --dist loadgroup) every test that starts Ray runs on
-    one worker, one at a time: tests count the machine's real Ray worker processes, and Ray
-    Train's helper actors look for "the" Ray instance on the host. Unit tests and one-process
-    runs go beside them on the other worker."""
+    """Under pytest-xdist (pyproject: -n 2 --dist loadgroup) each group's tests run one at a
+    time on one worker: the "ray" tests share one Ray head (the ray_head fixture) and count its
+    worker processes; the "cluster" tests each start clusters of their own. Every test cluster
+    has its own token (helpers/processes.py), so the two groups run beside each other, and beside
+    tests that start a local Ray instance of their own (the sweep). xdist hands out the largest
+    groups first, one to each worker; the single tests fill in."""
     for item in items:
-        if starts_ray(item):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,6 +65,21 @@ def small_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ray_head():
+    """One Ray head node (2 CPUs, its own token and ports) for the "ray" tests that run kiln on a
+    running cluster, as a user's `ray start --head` or KubeRay cluster is; started once per session
+    instead of a local instance per run (`driver_env`: what a kiln-train joining it needs)."""
+    from cluster.ray_cluster import RayCluster
+
+    cluster = RayCluster()
+    cluster.start_head(num_cpus=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def with_storage(args: list[str], run_dir: Path) -> list[str]:
     """Checkpoints of a test run go beside its run directory, never into the repository. A test
     run is named `kiln` unless it names itself: tests that run the same command twice continue
@@ -80,6 +100,16 @@ def kiln_train(args: list[str], run_dir: Path, timeout: float = 600, env: dict |
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     return proc
+
+
+def train_in_process(args: list[str], run_dir: Path) -> dict:
+    """kiln-train's own steps for launcher=local (compose, plan on the driver, run), in this
+    process and without a console script; returns the run's summary."""
+    from kiln.config.compose import compose
+    from kiln.launch.launcher import run
+    from kiln.plan import plan_run
+
+    return run(plan_run(compose(with_storage(args, run_dir)), run_dir))
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -171,6 +171,11 @@ class RayCluster:
     def client_env(self) -> dict:
         return auth_env(self.token)
 
+    @property
+    def driver_env(self) -> dict:
+        """For a kiln-train that joins this cluster as a user's would: RAY_ADDRESS and the token."""
+        return {**auth_env(self.token), "RAY_ADDRESS": self.gcs}
+
     def node_env(self) -> dict:
         # RAY_ADDRESS: Ray Train's helper actors look the cluster up with address "auto", which
         # fails ("Found multiple active Ray instances") when other Ray instances run on this host.

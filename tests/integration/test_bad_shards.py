@@ -1,12 +1,12 @@
-"""A truncated shard at run time, under both data.on_error policies, through the real kiln-train
-with 2 Ray workers: `raise` ends the run promptly naming the shard (no hang); `skip` finishes
-and counts what it skipped."""
+"""A truncated shard at run time, under both data.on_error policies: `raise` ends a 2-worker Ray
+run promptly naming the shard (no hang, no process left); `skip` (the data layer's, the same
+under either launcher: run here in-process, launcher=local) finishes and counts what it skipped."""
 
 import json
 
 import pytest
 
-from conftest import assert_ok, kiln_train, stdlib_files
+from conftest import kiln_train, stdlib_files, train_in_process
 from helpers.processes import worker_pids
 from kiln.tracking.jsonl import read_jsonl
 
@@ -40,13 +40,14 @@ ARGS = ["trainer.max_steps=100", "trainer.log_interval=25", "trainer.eval_interv
 
 
 @pytest.mark.timeout(500)
-def test_truncated_shard_raise_fails_fast_naming_it(tmp_path, damaged):
+def test_ray_truncated_shard_raise_fails_fast_naming_it(tmp_path, damaged, ray_head):
     """With one retry allowed, the failure repeats on the second attempt too: kiln-train ends
     with the worker's own error, exit status 2, and no worker processes left behind."""
     data, victim = damaged
-    proc = kiln_train([f"data.path={data}", "launcher.max_failures=1", *ARGS], tmp_path / "raise", timeout=480)
+    proc = kiln_train([f"data.path={data}", "launcher.max_failures=1", *ARGS], tmp_path / "raise", timeout=480,
+                      env=ray_head.driver_env)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not worker_pids(), "no Ray worker processes may be left behind"
+    assert not worker_pids(ray_head.token), "no Ray worker processes may be left behind"
     last = proc.stderr.strip().splitlines()
     summary = "\n".join(last[-4:])
     assert "training failed on the Ray workers" in proc.stderr
@@ -57,11 +58,10 @@ def test_truncated_shard_raise_fails_fast_naming_it(tmp_path, damaged):
 def test_truncated_shard_skip_finishes_and_counts(tmp_path, damaged):
     data, victim = damaged
     run = tmp_path / "skip"
-    proc = kiln_train([f"data.path={data}", "data.on_error=skip", *ARGS], run, timeout=380)
-    assert_ok(proc)
+    with pytest.warns(UserWarning, match=f"skipping bad data in shard {victim}: truncated"):
+        summary = train_in_process(["launcher=local", f"data.path={data}", "data.on_error=skip", *ARGS], run)
     records = read_jsonl(run / "metrics.jsonl")
-    assert records[-1]["step"] == 100
+    assert records[-1]["step"] == 100 and summary["steps"] == 100
     assert any(r.get("data/skipped_shards", 0) >= 1 for r in records), records
-    assert f"skipping bad data in shard {victim}" in proc.stdout + proc.stderr
-    summary = json.loads((run / "summary.json").read_text())
     assert summary["final_loss"] < records[0]["loss"]
+    assert summary["data"]["skipped_shards"] >= 1, summary["data"]

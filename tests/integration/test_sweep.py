@@ -1,5 +1,8 @@
 """Hydra --multirun sweeps as Ray Train runs on one Ray instance: a 4-trial sweep with one trial that
-diverges (a real failure inside the Ray workers) and one stopped by SIGTERM, run twice."""
+diverges (a real failure inside the Ray workers) and one stopped by SIGTERM, run twice. Its trials
+run ZeRO-0 in bf16 (the stage no other 2-worker test uses); the Optuna sweep runs launcher=local.
+The sweep starts its own local Ray instance, so it needs no xdist group (conftest.py): no other
+test counts the workers of a local instance."""
 
 import glob
 import json
@@ -23,6 +26,7 @@ def sweep_cmd(tmp_path, max_steps: int) -> list[str]:
     return ["kiln-train", "--multirun", f"optim.lr={','.join(LRS)}", f"trainer.max_steps={max_steps}",
             "trainer.log_interval=2", "trainer.eval_interval=1000", "trainer.eval_batches=2",
             "trainer.checkpoint_interval=4", "data.num_workers=1", "trainer.run_name=lr-sweep",
+            "parallelism=zero0", "precision=bf16",
             f"launcher.storage_path={tmp_path / 'ck'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
 
 
@@ -86,6 +90,8 @@ def test_sweep_records_failure_and_reruns_skip_finished_resume_interrupted(tmp_p
         # own output dir, own checkpoints, own resolved config
         assert (sweep / t / "resolved_config.yaml").is_file()
         assert (ck / t / "step_000000024").is_dir()
+        logged = [json.loads(x) for x in (sweep / t / "metrics.jsonl").read_text().splitlines()]
+        assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in logged), t
     assert (sweep / TRIALS[1] / "metrics.jsonl").is_file()
     resumed_steps = steps_logged(sweep / TRIALS[1])
     assert resumed_steps[-1] == 24 and sorted(set(resumed_steps)) == resumed_steps  # continues, no restart
