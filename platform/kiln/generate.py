@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from kiln.checkpoint.state import read_meta
+from kiln.checkpoint.meta import CONFIG_FILE, WEIGHTS_FILE, export_info, read_meta, resolve_checkpoint
 from kiln.checkpoint.tokenizer_files import checkpoint_tokenizer, export_tokenizer
-from kiln.checkpoint.weights import (CONFIG_FILE, WEIGHTS_FILE, consolidated_state_dict, export_info, read_export,
-                                     resolve_checkpoint)
+from kiln.checkpoint.weights import consolidated_state_dict, read_export
 from kiln.model.gpt import GPT, GPTConfig
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.checkpoint.policy import ResumeSource, decide_resume, storage_root
-from kiln.checkpoint.state import check_model_shape, read_meta
-from kiln.checkpoint.weights import check_export_shape, export_info
+from kiln.checkpoint.meta import check_export_shape, check_model_shape, export_info, read_meta
 from kiln.config.schema import TrainConfig
 from kiln.config.validate import validate_data
 from kiln.data.default_corpus import ensure_default_dataset

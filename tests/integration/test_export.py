@@ -51,7 +51,7 @@ def base(tmp_path_factory, small_dataset):
 
 
 def kiln_model_from_checkpoint(ckpt):
-    from kiln.checkpoint.state import read_meta
+    from kiln.checkpoint.meta import read_meta
     from kiln.checkpoint.weights import consolidated_state_dict
     from kiln.model.gpt import GPT, GPTConfig
 

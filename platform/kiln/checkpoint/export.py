@@ -29,10 +29,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from kiln.checkpoint.state import read_meta
+from kiln.checkpoint.meta import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, read_meta, resolve_checkpoint
 from kiln.checkpoint.tokenizer_files import checkpoint_tokenizer, write_tokenizer
-from kiln.checkpoint.weights import (CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, consolidated_state_dict,
-                                     resolve_checkpoint)
+from kiln.checkpoint.weights import consolidated_state_dict
 from kiln.errors import DataError
 from kiln.model.hf_gpt2 import check_exportable, gpt2_config, tensor_problems, to_hf_state_dict
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.checkpoint.state import read_meta
+from kiln.checkpoint.meta import read_meta
 from kiln.checkpoint.store import complete_checkpoints
 from kiln.config.schema import ResumeMode, TrainerConfig
 from kiln.errors import ConfigError

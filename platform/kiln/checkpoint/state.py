@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kiln.checkpoint.meta import read_meta
 from kiln.errors import ConfigError
-from kiln.model.config import SHAPE_KEYS
 
 
 def rng_state() -> dict:
@@ -36,21 +36,6 @@ def write_checkpoint(local_dir: Path, *, engine, rank: int, step: int, loop_stat
     torch.save({**loop_state, "rng": rng_state()}, local_dir / "kiln" / f"rank_{rank}.pt")
     if rank == 0:
         (local_dir / "kiln" / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-
-
-def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "kiln" / "meta.json").read_text())
-
-
-def check_model_shape(meta: dict, model_shape: dict, where: Path) -> None:
-    """A checkpoint of another model shape cannot be loaded: name every differing key."""
-    saved = meta.get("model_shape", {})
-    diff = [k for k in SHAPE_KEYS if saved.get(k) != model_shape.get(k)]
-    if diff:
-        detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)} vs config {model_shape.get(k)}" for k in diff)
-        raise ConfigError(f"model.{diff[0]}", f"the checkpoint {where} has another model shape ({detail})",
-                          "use the checkpoint's model settings, or start a new run (trainer.run_name=...) "
-                          "or use model.init_from for weights of the same shape")
 
 
 def load_checkpoint(ckpt: Path, *, engine, rank: int, world_size: int) -> tuple[dict, dict]:

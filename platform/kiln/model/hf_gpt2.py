@@ -17,9 +17,12 @@ callers (kiln.checkpoint.weights reads exports, kiln.checkpoint.export writes th
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from kiln.errors import ConfigError, KilnError
+
+if TYPE_CHECKING:  # the tensors are the caller's: the config half of this module needs no torch
+    import torch
 
 # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out): these four are transposed.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -100,14 +103,14 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """kiln GPT weights -> GPT-2 layout: Conv1D matrices transposed, the tied LM head dropped."""
     wte = sd["transformer.wte.weight"]
     head = sd.get("lm_head.weight")
-    if head is not None and head is not wte and not torch.equal(head, wte):
+    if head is not None and head is not wte and not head.equal(wte):
         raise KilnError("the checkpoint's lm_head.weight differs from transformer.wte.weight; kiln ties "
                         "them, and GPT-2 stores them once: this is not a kiln GPT checkpoint")
     out = {}
     for name, t in sd.items():
         if name == "lm_head.weight":
             continue
-        t = t.detach().to("cpu", torch.float32)
+        t = t.detach().to("cpu").float()
         out[name] = (t.t() if name.endswith(CONV1D_SUFFIXES) else t).contiguous()
     return out
 
@@ -122,7 +125,7 @@ def from_hf_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, t in raw.items():
         if tuple(name.split(".")[-2:]) in HF_BUFFERS:
             continue
-        t = t.to(torch.float32)
+        t = t.float()
         sd[name] = (t.t() if name.endswith(CONV1D_SUFFIXES) else t).contiguous()
     return sd
 
