@@ -168,3 +168,38 @@ def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_data
         assert r["tokens_per_s"] == per_step, (r["step"], r["tokens_per_s"])
     assert summary["tokens_per_s"] == per_step
     assert again[5]["loss"] == full[5]["loss"]  # the interval's loss still spans steps 1-5
+
+
+def test_mfu_counts_accumulated_tokens_and_is_absent_without_a_peak(tmp_path, small_dataset, monkeypatch):
+    """One second per optimizer step (a fake clock): tokens/s is micro-batch x accumulation x
+    sequence, and MFU is that times the model's FLOPs per token over the configured peak. On a
+    CPU without trainer.peak_tflops there is no MFU, and the summary says why."""
+    import kiln.training.fit as loop
+    import kiln.training.metrics as metrics
+    from kiln.model.flops import flops_per_token
+
+    clock = {"now": 0.0}
+    real_step = loop.train_step
+
+    def timed_step(*a, **kw):
+        clock["now"] += 1.0
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    args = [f"data.path={small_dataset}", "trainer.max_steps=4", "trainer.log_interval=2", "trainer.grad_accum_steps=2",
+            "trainer.eval_interval=1000", "trainer.checkpoint_interval=0"]
+    summary = run_in_process([*args, "trainer.peak_tflops=0.001", "trainer.run_name=peak"], tmp_path, "peak")
+    cfg = compose_config([*BASE, *args])
+    per_step = cfg.trainer.micro_batch_size * 2 * cfg.data.seq_len
+    fpt = flops_per_token(summary["parameters"], cfg.model.build(257), cfg.data.seq_len)
+    assert summary["flops_per_token"] == fpt and summary["peak_tflops"] == 0.001
+    for r in records(tmp_path, "peak").values():
+        assert r["tokens_per_s"] == per_step
+        assert r["mfu"] == pytest.approx(per_step * fpt / 1e9)
+    assert summary["mfu"] == pytest.approx(per_step * fpt / 1e9)
+    assert summary["mfu_basis"] == "trainer.peak_tflops=0.001"
+
+    plain = run_in_process([*args, "trainer.run_name=plain"], tmp_path, "plain")
+    assert all("mfu" not in r for r in records(tmp_path, "plain").values())
+    assert plain["mfu"] is None and "CPU" in plain["mfu_basis"]

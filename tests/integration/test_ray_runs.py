@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 RAY = ["trainer.max_steps=40", "trainer.log_interval=1", "trainer.eval_interval=20", "data.num_workers=1",
        "precision=fp32"]
-ZERO2 = [*RAY, "parallelism=zero2", "model.dropout=0.1", "trainer.checkpoint_interval=0"]
+ZERO2 = [*RAY, "parallelism=zero2", "model.dropout=0.1", "trainer.checkpoint_interval=0", "trainer.peak_tflops=1"]
 ZERO3 = [*RAY, "parallelism=zero3", "trainer.checkpoint_interval=10"]
 
 
@@ -63,6 +63,11 @@ def check_two_worker_run(full: SimpleNamespace, zero_stage: int) -> None:
 def test_ray_zero2_on_a_running_cluster_trains_and_logs_wandb(zero2_full, ray_head):
     check_two_worker_run(zero2_full, 2)
     assert f"Ray cluster at {ray_head.gcs}: 2 CPU worker(s)" in zero2_full.stdout
+    # MFU over both ranks: all ranks' tokens/s against two devices' peak (1 TFLOP/s each here).
+    s = zero2_full.summary
+    assert s["peak_tflops"] == 1.0 and s["mfu"] == pytest.approx(s["tokens_per_s"] * s["flops_per_token"] / 2e12)
+    for r in zero2_full.records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * s["flops_per_token"] / 2e12)
     # Each rank draws its own random numbers (dropout masks) after the shared-seed model init.
     final = zero2_full.ck / "step_000000040" / "kiln"
     states = [torch.load(final / f"rank_{r}.pt", weights_only=False)["rng"] for r in (0, 1)]

@@ -50,6 +50,8 @@ def print_summary(s: dict, plan: RunPlan) -> None:
         f"final train loss {fmt(s['final_loss'])}",
         f"final eval loss {fmt(s['final_eval_loss'])}",
         f"{s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else "tokens/s n/a",
+        f"MFU {100 * s['mfu']:.1f}% ({s['mfu_basis']})" if s.get("mfu") is not None
+        else f"MFU n/a: {s.get('mfu_basis') or 'no figures'}",
     ]))
     print_line(f"outputs: {s['output_dir']} (metrics.jsonl, summary.json, .hydra/config.yaml)")
     wb = s.get("wandb")

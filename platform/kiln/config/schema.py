@@ -250,6 +250,9 @@ class TrainerConfig:
     resume: ResumeMode = ResumeMode.auto
     # Start from this checkpoint directory (a step_* of another run): a new run branching from it.
     resume_from: Optional[str] = None
+    # One device's peak TFLOP/s that MFU is measured against; null: kiln's table of GPUs (dense
+    # bf16, kiln.model.flops), and no MFU on a CPU or an unknown GPU.
+    peak_tflops: Optional[float] = None
 
     def check(self) -> None:
         _positive("trainer", self, "max_steps", "micro_batch_size", "grad_accum_steps", "log_interval",
@@ -261,6 +264,9 @@ class TrainerConfig:
         if self.run_name is not None and (not self.run_name.strip() or "/" in self.run_name):
             raise ConfigError("trainer.run_name", f"{self.run_name!r} cannot name a checkpoint directory",
                               "use a non-empty name without '/'")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError("trainer.peak_tflops", f"must be > 0, got {self.peak_tflops}",
+                              "give one device's peak in TFLOP/s (H100 SXM bf16: 989), or null for kiln's table")
         if self.resume_from is not None and self.resume != ResumeMode.auto:
             raise ConfigError("trainer.resume_from", f"trainer.resume_from is set with trainer.resume={self.resume}",
                               "leave trainer.resume=auto: resume_from already says where to start")

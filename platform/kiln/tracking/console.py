@@ -14,6 +14,8 @@ def format_line(m: dict, max_steps: int) -> str:
     if m.get("grad_norm") is not None:
         parts.append(f"grad {m['grad_norm']:.3f}")
     parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
     return " | ".join(parts)
 
 

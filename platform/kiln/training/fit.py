@@ -43,7 +43,7 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
         set_rng_state(state.rng)  # last: creating the loader above draws from the RNG
     tracker = Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id")) if ctx.is_main else NullTracker()
     announce(plan, ctx, n_params)
-    meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step), Evaluator(plan, ctx)
+    meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step, n_params), Evaluator(plan, ctx)
     watch, own_norm, stopped_at = GradWatch(ctx.device, str(cfg.precision.dtype)), needs_own_grad_norm(engine), None
     try:
         while state.step < tr.max_steps:
@@ -125,6 +125,7 @@ def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger
         "tokens": steps * tokens_per_step,
         "tokens_per_s": meter.steady_tokens_per_s(),
         "parameters": n_params,
+        **meter.flops_summary(),
         "world_size": ctx.world_size,
         "data": batches.stats(),
         "output_dir": str(ctx.output_dir),

@@ -10,6 +10,7 @@ import torch
 
 from kiln.context import Context
 from kiln.data.stream import ResumableLoader
+from kiln.model.flops import device_peak, flops_per_token, mfu
 from kiln.plan import RunPlan
 from kiln.training.state import TrainState
 from kiln.training.step import _all_reduce
@@ -30,10 +31,15 @@ def data_metrics(batches: ResumableLoader, plan: RunPlan, device: torch.device) 
 
 
 class MetricsLogger:
-    def __init__(self, plan: RunPlan, ctx: Context, state: TrainState, tracker, tokens_per_step: int):
+    def __init__(self, plan: RunPlan, ctx: Context, state: TrainState, tracker, tokens_per_step: int,
+                 n_params: int):
+        """tokens_per_step: of all ranks together (micro-batch x accumulation x sequence x ranks)."""
         tr = plan.config.trainer
         self.plan, self.ctx, self.state, self.tracker = plan, ctx, state, tracker
         self.interval, self.max_steps, self.tokens_per_step = tr.log_interval, tr.max_steps, tokens_per_step
+        self.flops_per_token = flops_per_token(n_params, plan.model, plan.config.data.seq_len)
+        gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None
+        self.peak_tflops, self.peak_basis = device_peak(gpu, tr.peak_tflops)
         self.timed = 0  # steps timed in this process since the last record
         self.started = time.perf_counter()
         self.first_here = len(state.throughput)  # the intervals before are a previous process's
@@ -51,9 +57,21 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self.started
         metrics = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad, "tokens": step * self.tokens_per_step,
                    "tokens_per_s": self.timed * self.tokens_per_step / elapsed}
+        if self.peak_tflops is not None:
+            metrics["mfu"] = self.mfu(metrics["tokens_per_s"])
         metrics.update(data_metrics(batches, self.plan, self.ctx.device))
         self.state.throughput.append(metrics["tokens_per_s"])
         return metrics
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return mfu(tokens_per_s, self.flops_per_token, self.ctx.world_size, self.peak_tflops)
+
+    def flops_summary(self) -> dict:
+        """The run's MFU (from its steady tokens/s) and what it was measured with."""
+        steady = self.steady_tokens_per_s()
+        value = self.mfu(steady) if steady and self.peak_tflops is not None else None
+        return {"mfu": value, "flops_per_token": self.flops_per_token, "peak_tflops": self.peak_tflops,
+                "mfu_basis": self.peak_basis}
 
     def write(self, metrics: dict) -> None:
         self.tracker.log(metrics)
