@@ -140,9 +140,9 @@ def test_no_validation_split_is_labelled_train(tmp_path, capsys):
     assert "warning: no validation split" in out and "--val-fraction" in out and "(on train shards)" in out
 
 
-def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_dataset, monkeypatch):
-    """A clock that advances one second per training step: tokens/s must equal the tokens of one
-    step in every interval, also the first after resuming from a checkpoint taken between logs."""
+@pytest.fixture
+def one_second_per_step(monkeypatch):
+    """The metrics logger's clock advances exactly one second per optimizer step."""
     import kiln.training.fit as loop
     import kiln.training.metrics as metrics
 
@@ -155,6 +155,11 @@ def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_data
 
     monkeypatch.setattr(loop, "train_step", timed_step)
     monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+
+def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_dataset, one_second_per_step):
+    """A clock that advances one second per training step: tokens/s must equal the tokens of one
+    step in every interval, also the first after resuming from a checkpoint taken between logs."""
     args = [f"data.path={small_dataset}", "precision=fp32", "trainer.max_steps=10", "trainer.log_interval=5",
             "trainer.checkpoint_interval=3", "trainer.keep_checkpoints=0", "trainer.eval_interval=1000"]
     run_in_process([*args, "trainer.run_name=full"], tmp_path, "full")
@@ -170,23 +175,12 @@ def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_data
     assert again[5]["loss"] == full[5]["loss"]  # the interval's loss still spans steps 1-5
 
 
-def test_mfu_counts_accumulated_tokens_and_is_absent_without_a_peak(tmp_path, small_dataset, monkeypatch):
+def test_mfu_counts_accumulated_tokens_and_is_absent_without_a_peak(tmp_path, small_dataset, one_second_per_step):
     """One second per optimizer step (a fake clock): tokens/s is micro-batch x accumulation x
     sequence, and MFU is that times the model's FLOPs per token over the configured peak. On a
     CPU without trainer.peak_tflops there is no MFU, and the summary says why."""
-    import kiln.training.fit as loop
-    import kiln.training.metrics as metrics
     from kiln.model.flops import flops_per_token
 
-    clock = {"now": 0.0}
-    real_step = loop.train_step
-
-    def timed_step(*a, **kw):
-        clock["now"] += 1.0
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(loop, "train_step", timed_step)
-    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
     args = [f"data.path={small_dataset}", "trainer.max_steps=4", "trainer.log_interval=2", "trainer.grad_accum_steps=2",
             "trainer.eval_interval=1000", "trainer.checkpoint_interval=0"]
     summary = run_in_process([*args, "trainer.peak_tflops=0.001", "trainer.run_name=peak"], tmp_path, "peak")
