@@ -91,6 +91,14 @@ def test_seq_len_above_block_size(compose):
     expect_config_error(compose(["data.seq_len=256"]), "data.seq_len")
 
 
+@pytest.mark.parametrize("key, value", [("optim.beta1", "-0.1"), ("optim.beta2", "1.5"), ("optim.beta2", "1"),
+                                        ("optim.weight_decay", "-1"), ("optim.eps", "0"), ("optim.grad_clip", "-1"),
+                                        ("optim.warmup_steps", "-5")])
+def test_optimizer_settings_torch_would_reject(compose, key, value):
+    err = expect_config_error(compose([f"{key}={value}"]), key)
+    assert value in str(err)
+
+
 def test_num_workers_below_one(compose):
     expect_config_error(compose(["launcher.num_workers=0"]), "launcher.num_workers")
 

@@ -229,6 +229,18 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}",
                               "set the final learning rate as a fraction of optim.lr")
+        # Caught here, not by torch inside every worker (an 11-frame traceback per rank).
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}",
+                                  "AdamW's moment decay rates: beta1 0.9 and beta2 0.95 are the usual choice")
+        for name, fix in (("weight_decay", "0 turns it off; 0.1 is usual"),
+                          ("grad_clip", "0 turns clipping off; 1.0 is usual"),
+                          ("warmup_steps", "0 starts the decay at step 1")):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}", f"must be >= 0, got {getattr(self, name)}", fix)
+        if not self.eps > 0:
+            raise ConfigError("optim.eps", f"must be > 0, got {self.eps}", "AdamW's denominator term: 1e-8 is usual")
 
 
 @dataclass
