@@ -1,4 +1,4 @@
-"""A truncated shard at run time, under both data.on_error policies: `raise` ends a 2-worker Ray
+"""A damaged shard (its size intact) at run time, under both data.on_error policies: `raise` ends a 2-worker Ray
 run promptly naming the shard (no hang, no process left); `skip` (the data layer's, the same
 under either launcher: run here in-process, launcher=local) finishes and counts what it skipped."""
 
@@ -31,7 +31,9 @@ def damaged(tmp_path_factory):
     assert len(m.splits["train"]) >= 8
     victim = out / m.splits["train"][5].file
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 2])  # as an interrupted copy would leave it
+    # Its second half zeroed, the size kept (a truncated shard is named before launch:
+    # tests/unit/test_shard_sizes.py): as a copy whose last blocks never arrived leaves it.
+    victim.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
     return out, victim
 
 

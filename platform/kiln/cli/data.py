@@ -3,6 +3,7 @@
     kiln-data corpus/ notes.txt more.jsonl --out data/mycorpus
     kiln-data 'corpus/**/*.txt' --out data/bpe --tokenizer bpe --vocab-size 8192 --shard-size 64MB
     kiln-data rows.parquet --out data/llama --tokenizer path/to/tokenizer.json --shard-size 2M
+    kiln-data verify data/mycorpus      # every shard's size and sha256 against its manifest
 
 Inputs are files, directories (walked recursively) and glob patterns (quote them; kiln expands
 them, '**' included). The same input and settings give byte-identical shards and manifest
@@ -18,6 +19,7 @@ import sys
 
 from kiln.data.build import (SHARD_SIZE_HELP, BuildReport, ShardSize, build_dataset, default_workers,
                              parse_shard_size, train_bpe_on_inputs)
+from kiln.data.manifest import load_manifest, verify_shards
 from kiln.data.tokenizer import DEFAULT_EOS, EOS_CANDIDATES, build_tokenizer
 from kiln.errors import KilnError
 
@@ -135,7 +137,34 @@ def print_summary(r: BuildReport, out=None) -> None:
     print(f"wrote {m.root}; train with: kiln-train data.path={m.root}", file=out)
 
 
+def verify(argv: list[str]) -> int:
+    """kiln-data verify DIR: exit 0 when every shard matches its manifest, 1 when one does not,
+    2 when DIR is not a dataset (or a listed shard is missing)."""
+    p = argparse.ArgumentParser(prog="kiln-data verify", description="Check every shard of a kiln-data "
+                                "directory (size and sha256) against its manifest.json.")
+    p.add_argument("dir", help="a directory kiln-data wrote")
+    args = p.parse_args(argv)
+    try:
+        m = load_manifest(args.dir)
+    except KilnError as e:
+        print(f"kiln-data verify: {e}", file=sys.stderr)
+        return 2
+    checked, read, problems = verify_shards(m)
+    for line in problems:
+        print(f"bad shard: {line}", file=sys.stderr)
+    if problems:
+        print(f"kiln-data verify: {len(problems)} of {checked} shards do not match {m.root}/manifest.json; copy "
+              f"them again from the dataset's origin, or rebuild it with kiln-data", file=sys.stderr)
+        return 1
+    print(f"{checked} shards, {_bytes(read)}: every size and sha256 matches {m.root}/manifest.json "
+          f"(fingerprint {m.fingerprint})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:  # (to build from an input file named `verify`, pass ./verify)
+        return verify(argv[1:])
     args = parse_args(argv)
     common = dict(text_field=args.text_field, text_column=args.text_column, on_error=args.on_error)
     try:

@@ -44,6 +44,7 @@ class Source:
     documents: list[int] = field(default_factory=list)  # per train shard, from the manifest
     manifest_location: str = ""  # for remote sources: where manifest.json was read from
     shuffled: bool | None = None  # the manifest says kiln-data shuffled the documents (None: not recorded)
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of each shard (train and val), from the manifest
 
     def to_stream(self, shuffle_documents: bool | None = None) -> dict:
         """What the stream reads of this source. shuffle_documents None (data.shuffle_documents=null):
@@ -82,9 +83,10 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
     if not path.startswith(REMOTE) and not is_pattern and manifest is None:  # a kiln-data directory
         m = load_manifest(path)
         shards = m.splits["train"]
+        sizes = {str(m.root / s.file): s.bytes for split in ("train", "val") for s in m.splits.get(split, [])}
         return Source(name or Path(path).name, m.urls("train"), m.urls("val"), m.token_dtype, m.tokenizer,
                       str(m.root), weight, [s.sha256 for s in shards], [s.documents for s in shards],
-                      shuffled=m.build.get("shuffle"))
+                      shuffled=m.build.get("shuffle"), sizes=sizes)
 
     location = _manifest_location(path, manifest, key)
     try:
@@ -96,17 +98,21 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
     splits = raw.get("splits", {})
     listed = {s["file"]: s for s in splits.get("train", [])}
     train = list(braceexpand(path))
-    checksums, documents = [], []
+    checksums, documents, sizes = [], [], {}
     for url in train:
         m = TAR_NAME.findall(url)
         if not m or m[-1] not in listed:
             raise DataError(f"{key}: shard {url!r} is not a training shard listed in {location}")
         checksums.append(listed[m[-1]]["sha256"])
         documents.append(listed[m[-1]]["documents"])
+        if "bytes" in listed[m[-1]]:
+            sizes[url] = listed[m[-1]]["bytes"]
     manifest_key = "data.manifest" if key == "data.path" else f"{key}.manifest"
-    val = [beside_manifest(location, s["file"], manifest_key) for s in splits.get("val", [])]
+    val_listed = splits.get("val", [])
+    val = [beside_manifest(location, s["file"], manifest_key) for s in val_listed]
+    sizes.update({url: s["bytes"] for url, s in zip(val, val_listed) if "bytes" in s})
     return Source(name or Path(base).name or "data", train, val, raw["token_dtype"], raw["tokenizer"], base,
-                  weight, checksums, documents, location, shuffled=raw.get("build", {}).get("shuffle"))
+                  weight, checksums, documents, location, shuffled=raw.get("build", {}).get("shuffle"), sizes=sizes)
 
 
 MANIFEST_NAME = "manifest.json"
@@ -190,8 +196,10 @@ def fingerprint(sources: list[Source]) -> str:
 
 
 def check_shards_open(sources: list[Source]) -> None:
-    """Before launch: every local shard exists; the first training and the first validation
-    shard of each remote source open."""
+    """Before launch: every local shard exists and has the size its manifest lists (a truncated
+    or half-copied shard is named here, before any worker starts: a size is one stat, where a
+    checksum would read the whole dataset); the first training and the first validation shard of
+    each remote source open."""
 
     for s in sources:
         for split, urls in (("", s.train), ("validation ", s.val)):
@@ -200,6 +208,11 @@ def check_shards_open(sources: list[Source]) -> None:
                     continue
                 if not Path(url).is_file():
                     raise DataError(f"{split}shard {url} (source {s.name}) does not exist")
+                expected, size = s.sizes.get(url), Path(url).stat().st_size
+                if expected is not None and size != expected:
+                    raise DataError(f"{split}shard {url} (source {s.name}) has {size:,} bytes, its manifest lists "
+                                    f"{expected:,}: an incomplete or changed copy; copy it again from the dataset's "
+                                    f"origin, or rebuild the dataset with kiln-data")
             remote = [u for u in urls if u.startswith(REMOTE)]
             if remote:
                 try:
