@@ -32,7 +32,7 @@ def damaged(tmp_path_factory):
     victim = out / m.splits["train"][5].file
     data = victim.read_bytes()
     # Its second half zeroed, the size kept (a truncated shard is named before launch:
-    # tests/unit/test_shard_sizes.py): as a copy whose last blocks never arrived leaves it.
+    # tests/unit/test_dataset_checks.py): as a copy whose last blocks never arrived leaves it.
     victim.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
     return out, victim
 

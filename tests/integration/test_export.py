@@ -114,6 +114,24 @@ def test_export_refuses_what_gpt2_cannot_express(base, tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_overwrite_replaces_only_an_earlier_export(base, tmp_path):
+    from kiln.checkpoint.export import export_checkpoint
+    from kiln.errors import DataError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    with pytest.raises(DataError, match="not a kiln export"):
+        export_checkpoint(base["ckpt"], mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "not an export"  # untouched
+    earlier = tmp_path / "earlier"
+    shutil.copytree(base["export"], earlier)
+    (earlier / "stale.txt").write_text("from before")
+    info = export_checkpoint(base["ckpt"], earlier, overwrite=True)
+    assert info["step"] == 30 and not (earlier / "stale.txt").exists()
+
+
+@pytest.mark.timeout(240)
 def test_generate_same_text_from_checkpoint_and_export(base):
     from kiln.generate import generate_text, load_model
 

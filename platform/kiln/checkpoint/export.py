@@ -60,6 +60,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise DataError(f"{out} already exists and is not empty; choose another OUT_DIR or pass --overwrite")
+        if not (out / EXPORT_FILE).is_file():  # --overwrite never deletes what kiln did not write
+            raise DataError(f"{out} is not a kiln export (no {EXPORT_FILE}); --overwrite replaces only an earlier "
+                            f"export: choose another OUT_DIR, or remove {out} yourself")
     tokenizer = tokenizer or checkpoint_tokenizer(meta)
     if tokenizer.vocab_size > shape["vocab_size"]:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, metavar="{byte,PATH}",
                    help="the tokenizer to write, when the checkpoint's dataset directory is gone "
                         "(default: the one named by the data's manifest.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export (never any other directory)")
     return p.parse_args(argv)
 
 

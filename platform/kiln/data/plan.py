@@ -12,7 +12,7 @@ from kiln.data.manifest import load_manifest
 from kiln.data.sources import (REMOTE, Source, _abs, check_shards_open, fetch_beside_manifest, fingerprint,
                                resolve_sources)
 from kiln.data.stream import StreamSpec
-from kiln.data.tokenizer import tokenizer_from_manifest
+from kiln.data.tokenizer import tokenizer_file, tokenizer_from_manifest
 from kiln.errors import ConfigError, DataError
 
 
@@ -30,7 +30,7 @@ class DataPlan:
 def load_source_tokenizer(source: Source, cache_dir: str):
     root = source.root
     if root.startswith(REMOTE) and source.tokenizer.get("type") != "byte":
-        root = fetch_beside_manifest(source, source.tokenizer.get("file", "tokenizer.json"), cache_dir)
+        root = fetch_beside_manifest(source, tokenizer_file(source.tokenizer), cache_dir)
     return tokenizer_from_manifest(source.tokenizer, root)
 
 

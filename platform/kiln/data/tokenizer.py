@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +26,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from kiln.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
+# A manifest's tokenizer file is a plain name beside the manifest: it is joined to local paths and,
+# for pipe: sources, pasted into a shell command, so a manifest from elsewhere must not name more.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def tokenizer_file(entry: dict) -> str:
+    """The file name a manifest's `tokenizer` entry gives (tokenizer.json when it gives none)."""
+    name = entry.get("file", TOKENIZER_FILE)
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise DataError(f"the manifest's tokenizer file {name!r} is not a plain file name (letters, digits, "
+                        f"'.', '_', '-'; no path, no shell characters); kiln-data writes {TOKENIZER_FILE}: "
+                        f"rebuild the dataset, or correct the manifest's tokenizer.file")
+    return name
 DEFAULT_EOS = "<|endoftext|>"
 # End-of-document tokens of common tokenizer families, tried in this order when none is named.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -170,7 +184,7 @@ def tokenizer_from_manifest(entry: dict, root: str | os.PathLike | None = None):
     if root is None:
         raise DataError(f"the dataset's {kind} tokenizer is stored beside its shards: load it with "
                         f"load_tokenizer(manifest) or tokenizer_from_manifest(entry, root=manifest.root)")
-    path = Path(root) / entry.get("file", TOKENIZER_FILE)
+    path = Path(root) / tokenizer_file(entry)
     if not path.is_file():
         raise DataError(f"{path} is missing: the dataset's tokenizer must stay beside its shards; "
                         f"restore it or rebuild the dataset with kiln-data")

@@ -1,5 +1,6 @@
-"""Before launch, every local shard has the size its manifest lists: a truncated or half-copied
-shard is named before any worker starts, for kiln-data directories and brace patterns alike."""
+"""What is checked of a dataset from elsewhere before it is used: every local shard's size
+against its manifest (named before any worker starts, for kiln-data directories and brace
+patterns alike), every checksum (kiln-data verify), and the manifest's tokenizer file name."""
 
 import shutil
 
@@ -63,3 +64,20 @@ def test_kiln_data_verify_checks_every_checksum(copy, tmp_path, capsys):
     assert f"bad shard: {victim}: sha256" in err and "1 of" in err and "copy them again" in err
     assert main(["verify", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../etc/cron.d/x", "/tmp/t.json", "t.json; touch /tmp/owned", ".hidden", ""])
+def test_a_manifests_tokenizer_file_must_be_a_plain_name(tmp_path, name):
+    """Neither joined into a local path (`../` would write anywhere) nor into a pipe: command."""
+    from kiln.data.plan import load_source_tokenizer
+    from kiln.data.sources import Source
+    from kiln.data.tokenizer import tokenizer_from_manifest
+
+    entry = {"type": "bpe", "file": name, "vocab_size": 300, "eos_id": 0}
+    with pytest.raises(DataError, match="not a plain file name"):
+        tokenizer_from_manifest(entry, tmp_path)
+    remote = Source("r", ["pipe:cat /x/train-000000.tar"], [], "uint16", entry, "pipe:cat /x",
+                    manifest_location="pipe:cat /x/manifest.json")
+    with pytest.raises(DataError, match="not a plain file name"):
+        load_source_tokenizer(remote, str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # refused before anything was fetched or written
