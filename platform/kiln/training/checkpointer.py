@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from kiln.checkpoint.state import load_checkpoint, write_checkpoint
 from kiln.context import Context
 from kiln.plan import RunPlan
@@ -18,7 +16,6 @@ class Checkpointer:
         self.interval, self.max_steps, self.tokens_per_step = tr.checkpoint_interval, tr.max_steps, tokens_per_step
         self.meta = {"world_size": ctx.world_size, "model_shape": plan.model.shape(),
                      "data_fingerprint": plan.data.spec.fingerprint, "config": plan.config.to_dict()}
-        self.seconds = 0.0  # spent saving (not training time)
 
     def due(self, step: int, stop: bool) -> bool:
         return (self.interval > 0 and step % self.interval == 0) or step == self.max_steps or stop
@@ -37,10 +34,9 @@ class Checkpointer:
         return meta
 
     def save(self, state: TrainState, data_position: dict, metrics: dict, wandb_id: str | None) -> None:
-        began, step = time.perf_counter(), state.step
+        step = state.step
         meta = dict(self.meta, step=step, tokens=step * self.tokens_per_step, wandb_id=wandb_id)
         loop_state = state.state_dict(data_position)
         self.store.save(step, lambda d: write_checkpoint(d, engine=self.engine, rank=self.ctx.rank, step=step,
                                                          loop_state=loop_state, meta=meta),
                         {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        self.seconds += time.perf_counter() - began

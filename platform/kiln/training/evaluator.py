@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from kiln.context import Context
@@ -18,7 +16,6 @@ class Evaluator:
         tr = plan.config.trainer
         self.interval, self.max_steps = tr.eval_interval, tr.max_steps
         self.batches: list | None = None  # read at the first evaluation, then kept
-        self.seconds = 0.0  # spent evaluating (not training time)
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.max_steps
@@ -37,7 +34,6 @@ class Evaluator:
         """Mean loss over this rank's validation batches, averaged over ranks; every rank takes
         part (ZeRO-3 gathers parameters collectively inside forward). Labelled when the data has
         no validation split (an eval loss on training shards must never pass for a validation loss)."""
-        began = time.perf_counter()
         batches = self._batches()
         engine.eval()
         total = torch.zeros((), device=batches[0][0].device)
@@ -48,5 +44,4 @@ class Evaluator:
         out = {"eval_loss": mean_across_ranks(total / len(batches))}
         if self.plan.data.val_split != "val":
             out["eval_split"] = self.plan.data.val_split
-        self.seconds += time.perf_counter() - began
         return out
