@@ -10,9 +10,9 @@ import types
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import compose_config, train_in_process
+from helpers.runs import losses
 from kiln.engine.schedule import lr_at, schedule_params
-from kiln.tracking.jsonl import read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -20,18 +20,12 @@ BASE = ["launcher=local", "model=tiny", "logger=none", "data.num_workers=0", "tr
 
 
 def run_in_process(overrides: list[str], tmp_path, name: str) -> dict:
-    """kiln-train's steps for launcher=local (compose, plan on the driver, run), in this process.
-    Returns the summary; the run's files are under tmp_path / name."""
-    from kiln.config.compose import compose
-    from kiln.launch.launcher import run
-    from kiln.plan import plan_run
-
-    cfg = compose([*BASE, f"launcher.storage_path={tmp_path / 'ck'}", *overrides])
-    return run(plan_run(cfg, tmp_path / name))
+    """The summary of a BASE run in this process; its files are under tmp_path / name."""
+    return train_in_process([*BASE, f"launcher.storage_path={tmp_path / 'ck'}", *overrides], tmp_path / name)
 
 
 def records(tmp_path, name: str) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(tmp_path / name / "metrics.jsonl")}
+    return losses(tmp_path / name)
 
 
 def test_logged_lr_is_the_rate_each_step_used(tmp_path, small_dataset):

@@ -36,8 +36,9 @@ def full_run(root, args: list[str], env: dict | None = None) -> SimpleNamespace:
     proc = kiln_train([*args, f"launcher.storage_path={root / 'ck'}"], root / "run", env=env)
     assert_ok(proc)
     run = root / "run"
-    return SimpleNamespace(run=run, ck=root / "ck" / "kiln", stdout=proc.stdout, losses=losses(run),
-                           records=read_jsonl(run / "metrics.jsonl"),
+    records = read_jsonl(run / "metrics.jsonl")
+    return SimpleNamespace(run=run, ck=root / "ck" / "kiln", stdout=proc.stdout, records=records,
+                           losses={r["step"]: r for r in records},
                            summary=json.loads((run / "summary.json").read_text()))
 
 
