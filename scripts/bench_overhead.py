@@ -25,7 +25,7 @@ import torch
 
 from kiln.config.compose import compose
 from kiln.launch.launcher import run
-from kiln.model.gpt import GPT
+from kiln.model.factory import build_model
 from kiln.plan import plan_run
 
 
@@ -39,7 +39,7 @@ def hand_side(overrides: list[str], steps: int, warmup: int) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.trainer.seed)
     vocab = cfg.model.vocab_size or 257  # the default corpus is byte-tokenized
-    model = GPT(cfg.model.build(vocab)).to(device)
+    model = build_model(cfg.model.build(vocab)).to(device)
     o = cfg.optim
     opt = torch.optim.AdamW(model.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     B, T = cfg.trainer.micro_batch_size, cfg.data.seq_len

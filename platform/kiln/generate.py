@@ -1,5 +1,5 @@
-"""Sampling text from a kiln GPT: from a checkpoint or a kiln-export directory, with the tokenizer
-the training data was written with.
+"""Sampling text from a kiln model (GPT or Llama): from a checkpoint or a kiln-export directory,
+with the tokenizer the training data was written with.
 
     model, tok, info = load_model("checkpoints/kiln/step_000001000")   # or an export directory
     ids = torch.tensor([tok.encode("def ")], dtype=torch.long)
@@ -18,11 +18,12 @@ import torch
 from kiln.checkpoint.meta import CONFIG_FILE, WEIGHTS_FILE, export_info, read_meta, resolve_checkpoint
 from kiln.checkpoint.tokenizer_files import checkpoint_tokenizer, export_tokenizer
 from kiln.checkpoint.weights import consolidated_state_dict, read_export
-from kiln.model.gpt import GPT, GPTConfig
+from kiln.model.config import config_from_shape
+from kiln.model.factory import build_model
 
 
 @torch.no_grad()
-def sample(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def sample(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, generator: torch.Generator | None = None,
            eos_id: int | None = None, vocab_limit: int | None = None) -> torch.Tensor:
     """Extend `ids` (B, T) by up to `max_new_tokens` tokens, one forward pass per token over the
@@ -67,7 +68,7 @@ def sample(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: floa
     return ids
 
 
-def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[GPT, object, dict]:
+def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[torch.nn.Module, object, dict]:
     """(model in eval mode on the CPU in fp32, tokenizer, info) from a kiln checkpoint (a step_*
     or run directory) or a kiln-export directory. The tokenizer is the data's (checkpoint: from
     the dataset manifest its config names; export: from the exported tokenizer files) unless one
@@ -86,9 +87,7 @@ def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[GPT, object, di
         sd = consolidated_state_dict(ckpt)
         tokenizer = tokenizer or checkpoint_tokenizer(meta)
         info = {"source": "checkpoint", "path": str(ckpt), "step": meta["step"], "shape": shape}
-    model = GPT(GPTConfig(vocab_size=shape["vocab_size"], n_layer=shape["n_layer"], n_head=shape["n_head"],
-                          n_embd=shape["n_embd"], block_size=shape["block_size"], dropout=dropout,
-                          bias=shape["bias"]))
+    model = build_model(config_from_shape(shape, dropout))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -97,7 +96,7 @@ def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[GPT, object, di
     return model, tokenizer, info
 
 
-def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 200, seed: int = 1337, stop_at_eos: bool = True) -> str:
     """The prompt and its continuation, decoded. An empty prompt starts a new document (the
     end-of-document token, as between documents in training)."""

@@ -22,7 +22,7 @@ from kiln.data.plan import DataPlan, plan_data
 from kiln.data.sources import _abs
 from kiln.errors import ConfigError
 from kiln.identity import SweepTrial, fresh_run_name
-from kiln.model.config import GPTConfig
+from kiln.model.config import ModelShapeConfig
 from kiln.tracking.console import print_line
 
 
@@ -33,7 +33,7 @@ class RunPlan:
     storage: str  # checkpoint root: an absolute directory, or a URI (launcher=ray)
     named: bool  # the user named the run (so it continues its own checkpoints)
     data: DataPlan
-    model: GPTConfig
+    model: ModelShapeConfig
     resume: ResumeSource
     trial: SweepTrial | None = None
 
@@ -92,7 +92,7 @@ def plan_run(cfg: TrainConfig, output_dir: str | Path, trial: SweepTrial | None 
                    data=data_plan, model=model, resume=resume, trial=trial)
 
 
-def check_init_from(path: Path, model: GPTConfig) -> None:
+def check_init_from(path: Path, model: ModelShapeConfig) -> None:
     """model.init_from names a kiln checkpoint or export of this model's shape."""
     if (path / "kiln" / "meta.json").is_file():
         check_model_shape(read_meta(path), model.shape(), path)

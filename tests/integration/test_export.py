@@ -53,10 +53,11 @@ def base(tmp_path_factory, small_dataset):
 def kiln_model_from_checkpoint(ckpt):
     from kiln.checkpoint.meta import read_meta
     from kiln.checkpoint.weights import consolidated_state_dict
-    from kiln.model.gpt import GPT, GPTConfig
+    from kiln.model.config import config_from_shape
+    from kiln.model.gpt import GPT
 
     shape = read_meta(ckpt)["model_shape"]
-    model = GPT(GPTConfig(**shape))
+    model = GPT(config_from_shape(shape))
     model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
     return model.eval()
 
@@ -73,7 +74,7 @@ def test_export_loads_in_transformers_with_kiln_logits(base):
                                                "tokenizer_config.json", "kiln_tokenizer.json", "kiln_export.json"}
     info = json.loads((out / "kiln_export.json").read_text())
     assert info["step"] == 30 and info["checkpoint"] == str(base["ckpt"])
-    assert info["model_shape"] == {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128,
+    assert info["model_shape"] == {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128,
                                    "vocab_size": 257, "bias": True}
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["eos_token_id"] == config["bos_token_id"] == 256

@@ -191,3 +191,16 @@ def test_mfu_counts_accumulated_tokens_and_is_absent_without_a_peak(tmp_path, sm
     plain = run_in_process([*args, "trainer.run_name=plain"], tmp_path, "plain")
     assert all("mfu" not in r for r in records(tmp_path, "plain").values())
     assert plain["mfu"] is None and "CPU" in plain["mfu_basis"]
+
+
+@pytest.mark.timeout(300)
+def test_activation_checkpointing_trains_the_same_run(tmp_path, small_dataset):
+    """trainer.activation_checkpointing under a real DeepSpeed engine (ZeRO-2, bf16): the
+    recomputed blocks give the losses of the stored ones, step for step."""
+    got = {}
+    for mode in ("none", "full"):
+        run_in_process([f"data.path={small_dataset}", "model=llama-tiny", "model.dropout=0.1", "trainer.max_steps=4",
+                        "trainer.log_interval=1", "trainer.eval_interval=4", f"trainer.activation_checkpointing={mode}",
+                        f"trainer.run_name={mode}"], tmp_path, mode)
+        got[mode] = [r["loss"] for r in records(tmp_path, mode).values()]
+    assert len(got["none"]) == 4 and got["none"] == pytest.approx(got["full"], abs=1e-6)

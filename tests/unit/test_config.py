@@ -21,7 +21,7 @@ def options(group: str) -> list[str]:
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"conf/{group}/ is empty"
-    assert set(options("model")) == {"tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert set(options("model")) == {"tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-tiny", "llama-1b"}
     assert set(options("parallelism")) == {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
     assert set(options("precision")) == {"bf16", "fp16", "fp32"}
     assert set(options("launcher")) == {"local", "ray"}
@@ -261,3 +261,31 @@ def test_ray_job_with_relative_output_paths_warns(compose, capsys, monkeypatch):
     cfg.trainer.run_name = None  # resubmitting an unnamed run would start over
     warn_job_local_paths(cfg, ["hydra.run.dir=/shared/out"])
     assert "without trainer.run_name" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model=llama-tiny", "model.bias=true"], "model.bias"),
+    (["model=llama-tiny", "model.n_kv_head=3"], "model.n_kv_head"),
+    (["model=llama-tiny", "model.n_head=64", "model.n_kv_head=null"], "model.n_head"),  # head size 1: odd
+    (["model=llama-tiny", "model.rope_theta=0"], "model.rope_theta"),
+    (["model=tiny", "model.n_kv_head=2"], "model.n_kv_head"),
+    (["model=tiny", "model.tie_embeddings=false"], "model.tie_embeddings"),
+    (["model.pad_vocab_multiple=0"], "model.pad_vocab_multiple"),
+    (["parallelism.bucket_size=0"], "parallelism.bucket_size"),
+    (["parallelism=zero3", "parallelism.param_persistence_threshold=-1"], "parallelism.param_persistence_threshold"),
+])
+def test_model_and_parallelism_settings_are_checked(compose, overrides, key):
+    expect_config_error(compose(overrides), key)
+
+
+def test_presets_build_their_models(compose):
+    """GPT-2 presets pad the vocabulary to a multiple of 64; llama-1b is the ~1.2B recipe."""
+    from kiln.model.config import LlamaConfig
+
+    assert compose(["model=gpt2-small"]).model.build(50257).vocab_size == 50304
+    assert compose(["model=gpt2-small", "model.pad_vocab_multiple=1"]).model.build(50257).vocab_size == 50257
+    assert compose(["model=tiny"]).model.build(257).vocab_size == 257  # byte vocabulary kept as it is
+    big = compose(["model=llama-1b"]).model.build(50257)
+    assert isinstance(big, LlamaConfig) and (big.n_kv_head, big.ffn_hidden, big.vocab_size) == (8, 8192, 50304)
+    default = compose(["model=llama-tiny", "model.ffn_hidden=null", "model.n_kv_head=null"]).model.build(257)
+    assert (default.ffn_hidden, default.n_kv_head) == (256, 4)  # 8/3 * 64 -> 256; null kv heads = n_head

@@ -28,14 +28,30 @@ def test_warmup_never_exceeds_run_length(compose):
     assert ds["scheduler"]["params"]["warmup_num_steps"] < 30
 
 
-def test_cpu_runs_use_torch_adamw_for_bitwise_resume(compose):
+def test_torch_adamw_everywhere_but_offload(compose):
     """DeepSpeed's CPU Adam kernel keeps beta**step as a running product and recomputes it with
-    pow() after a resume (last-bit drift); torch's AdamW derives it from the saved step."""
+    pow() after a resume (last-bit drift); its GPU FusedAdam JIT-builds with nvcc, which a machine
+    without the CUDA toolkit lacks. torch's AdamW (fused on GPUs) needs neither."""
     cfg = compose(["parallelism=zero2"])
-    assert deepspeed_config(cfg, world_size=2, on_gpu=False)["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in deepspeed_config(cfg, world_size=2, on_gpu=True)["optimizer"]["params"]
+    cpu = deepspeed_config(cfg, world_size=2, on_gpu=False)["optimizer"]["params"]
+    gpu = deepspeed_config(cfg, world_size=2, on_gpu=True)["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu
+    assert gpu["torch_adam"] is True and gpu["fused"] is True
     offload = compose(["parallelism=zero2_offload"])  # offload keeps DeepSpeed's fast CPU Adam
     assert "torch_adam" not in deepspeed_config(offload, world_size=2, on_gpu=False)["optimizer"]["params"]
+
+
+def test_overlap_buckets_and_persistence(compose):
+    z = deepspeed_config(compose(["parallelism=zero2"]), world_size=2, on_gpu=True)["zero_optimization"]
+    assert z["overlap_comm"] is True and z["reduce_bucket_size"] == z["allgather_bucket_size"] == 500_000_000
+    z = deepspeed_config(compose(["parallelism=zero2"]), world_size=2, on_gpu=False)["zero_optimization"]
+    assert z["overlap_comm"] is False  # null: no side streams to overlap on a CPU
+    z3 = deepspeed_config(compose(["parallelism=zero3"]), world_size=2, on_gpu=True)["zero_optimization"]
+    assert "stage3_param_persistence_threshold" not in z3  # DeepSpeed's default
+    z3 = deepspeed_config(compose(["parallelism=zero3", "parallelism.param_persistence_threshold=0",
+                                   "parallelism.overlap_comm=false", "parallelism.bucket_size=1000"]),
+                          world_size=2, on_gpu=True)["zero_optimization"]
+    assert (z3["stage3_param_persistence_threshold"], z3["overlap_comm"], z3["reduce_bucket_size"]) == (0, False, 1000)
 
 
 def test_zero0_bf16_leaves_grad_accum_dtype_to_deepspeed(compose):

@@ -42,3 +42,24 @@ def test_peak_override_and_mfu_counts_every_device():
     # 8 devices at 989 TFLOP/s; 1e6 tokens/s of 4e8 FLOPs each is 4e14 FLOP/s of 7.912e15
     assert mfu(1e6, 4e8, 8, 989.0) == pytest.approx(4e14 / (8 * 989e12))
     assert mfu(1e6, 4e8, 1, 989.0) == pytest.approx(8 * mfu(1e6, 4e8, 8, 989.0))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_matmul_params_drop_only_the_input_lookup(tie):
+    import torch
+
+    from kiln.model.config import LlamaConfig
+    from kiln.model.llama import Llama
+
+    cfg = LlamaConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=64, block_size=32, n_kv_head=2, ffn_hidden=160,
+                      tie_embeddings=tie)
+    model = Llama(cfg)
+    n = model.num_params()
+    # tied: the one matrix counts once, as the head; untied: the input embedding is a lookup.
+    used = n if tie else sum(p.numel() for name, p in model.named_parameters() if name != "model.embed_tokens.weight")
+    assert matmul_params(n, cfg) == used
+    assert flops_per_token(n, cfg, 32) == 6 * used + 12 * 2 * 64 * 32
+    with torch.device("meta"):
+        big = Llama(LlamaConfig(vocab_size=50304, n_layer=16, n_head=32, n_embd=2048, block_size=2048, n_kv_head=8,
+                                ffn_hidden=8192))
+    assert 1.15e9 < big.num_params() < 1.25e9  # llama-1b: "about 1.2B"

@@ -1,4 +1,6 @@
-"""kiln-export: a kiln checkpoint -> a Hugging Face GPT-2 directory. An export directory holds:
+"""kiln-export: a kiln checkpoint -> a Hugging Face directory (GPT2LMHeadModel for model.arch=gpt2,
+LlamaForCausalLM for model.arch=llama). A GPT-2 export directory holds (a Llama's: the same files,
+its weights under Hugging Face Llama's own names, which kiln's Llama uses: kiln.model.hf_llama):
 
     model.safetensors      the weights, fp32, in GPT-2's layout: the same names as kiln's GPT
                            (transformer.wte.weight, transformer.h.0.attn.c_attn.weight, ...) with the
@@ -29,11 +31,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from kiln.checkpoint.meta import CONFIG_FILE, EXPORT_FILE, WEIGHTS_FILE, read_meta, resolve_checkpoint
+from kiln.checkpoint.meta import CONFIG_FILE, EXPORT_FILE, HF_ADAPTERS, WEIGHTS_FILE, read_meta, resolve_checkpoint
 from kiln.checkpoint.tokenizer_files import checkpoint_tokenizer, write_tokenizer
 from kiln.checkpoint.weights import consolidated_state_dict
 from kiln.errors import DataError
-from kiln.model.hf_gpt2 import check_exportable, gpt2_config, tensor_problems, to_hf_state_dict
+from kiln.model import hf_gpt2, hf_llama
+from kiln.model.config import arch_of, tied_embedding
 
 EXPORT_FORMAT = 1
 
@@ -53,7 +56,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
     shape = meta["model_shape"]
-    check_exportable(shape)
+    arch = arch_of(shape)
+    adapter = HF_ADAPTERS[arch]
+    if arch == "gpt2":
+        hf_gpt2.check_exportable(shape)
     out = Path(out_dir).expanduser().resolve()
     if out == ckpt or out in ckpt.parents or ckpt in out.parents:
         raise DataError(f"OUT_DIR {out} overlaps the checkpoint {ckpt}; write the export somewhere else")
@@ -69,17 +75,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                         f"{shape['vocab_size']}: it is not the tokenizer this model was trained with")
 
     sd = consolidated_state_dict(ckpt)
-    problems = tensor_problems({k: v for k, v in sd.items() if k != "lm_head.weight"}, shape)
+    tied = tied_embedding(shape) is not None
+    problems = adapter.tensor_problems({k: v for k, v in sd.items() if not (tied and k == "lm_head.weight")}, shape)
     if problems:
         raise DataError(f"the weights in {ckpt} do not match its model_shape {shape} ({problems})")
-    hf = to_hf_state_dict(sd)
+    hf = adapter.to_hf_state_dict(sd)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         save_file(hf, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         dropout = float(meta["config"]["model"].get("dropout", 0.0))
-        (tmp / CONFIG_FILE).write_text(json.dumps(gpt2_config(shape, dropout, tokenizer.eos_id), indent=2) + "\n")
+        hf_config = (hf_gpt2.gpt2_config if arch == "gpt2" else hf_llama.llama_hf_config)(shape, dropout, tokenizer.eos_id)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         tok_entry = write_tokenizer(tokenizer, tmp, shape["block_size"])
         info = {
             "format": EXPORT_FORMAT,

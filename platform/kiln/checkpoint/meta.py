@@ -12,8 +12,11 @@ from pathlib import Path
 
 from kiln.checkpoint.store import complete_checkpoints
 from kiln.errors import ConfigError, DataError
-from kiln.model.config import SHAPE_KEYS
-from kiln.model.hf_gpt2 import hf_config_problems, shape_from_hf_config
+from kiln.model import hf_gpt2, hf_llama
+from kiln.model.config import arch_of, shape_keys
+
+# The Hugging Face model types kiln exports and loads, and the adapter of each.
+HF_ADAPTERS = {"gpt2": hf_gpt2, "llama": hf_llama}
 
 # An export directory's files.
 WEIGHTS_FILE = "model.safetensors"
@@ -25,10 +28,18 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "kiln" / "meta.json").read_text())
 
 
+def shape_diff(found: dict, shape: dict) -> list[str]:
+    """The model-shape keys in which two shapes differ (a saved shape without "arch" is a GPT)."""
+    found, shape = {**found, "arch": arch_of(found)}, {**shape, "arch": arch_of(shape)}
+    if found["arch"] != shape["arch"]:
+        return ["arch"]
+    return [k for k in shape_keys(shape["arch"]) if found.get(k) != shape.get(k)]
+
+
 def check_model_shape(meta: dict, model_shape: dict, where: Path) -> None:
     """A checkpoint of another model shape cannot be loaded: name every differing key."""
     saved = meta.get("model_shape", {})
-    diff = [k for k in SHAPE_KEYS if saved.get(k) != model_shape.get(k)]
+    diff = shape_diff(saved, model_shape)
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)} vs config {model_shape.get(k)}" for k in diff)
         raise ConfigError(f"model.{diff[0]}", f"the checkpoint {where} has another model shape ({detail})",
@@ -56,23 +67,29 @@ def export_info(path: str | os.PathLike) -> dict:
     if not (p / WEIGHTS_FILE).is_file() or not cfg_file.is_file():
         raise ConfigError("model.init_from", f"{p} is not an export directory (needs {WEIGHTS_FILE} and "
                           f"{CONFIG_FILE})", "run kiln-export CHECKPOINT OUT_DIR and point at OUT_DIR")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") != "gpt2":
-        raise ConfigError("model.init_from", f"{p}/{CONFIG_FILE} has model_type "
-                          f"{cfg.get('model_type')!r}; kiln loads GPT-2 models only", "use a kiln-export "
-                          "directory or a GPT-2 save_pretrained directory")
-    unsupported = hf_config_problems(cfg)
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError("model.init_from", f"{cfg_file} is not JSON ({e})", "re-export the checkpoint") from None
+    adapter = HF_ADAPTERS.get(cfg.get("model_type")) if isinstance(cfg, dict) else None
+    if adapter is None:
+        found = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise ConfigError("model.init_from", f"{p}/{CONFIG_FILE} has model_type {found!r}; kiln loads "
+                          f"{' and '.join(HF_ADAPTERS)} models only", "use a kiln-export directory or a "
+                          "GPT-2 / Llama save_pretrained directory")
+    unsupported = adapter.hf_config_problems(cfg)
     if unsupported:
-        raise ConfigError("model.init_from", f"{p}/{CONFIG_FILE} describes a GPT-2 that kiln's GPT "
-                          f"cannot reproduce: {'; '.join(unsupported)}", "use a kiln-export directory")
-    shape = shape_from_hf_config(cfg)
+        raise ConfigError("model.init_from", f"{p}/{CONFIG_FILE} describes a {cfg['model_type']} model that "
+                          f"kiln cannot reproduce: {'; '.join(unsupported)}", "use a kiln-export directory")
+    shape = adapter.shape_from_hf_config(cfg)
+    dropout = cfg.get("resid_pdrop", cfg.get("attention_dropout", 0.0))
     exp = json.loads((p / EXPORT_FILE).read_text()) if (p / EXPORT_FILE).is_file() else {}
-    return {"shape": shape, "dropout": float(cfg.get("resid_pdrop", 0.0)), "config": cfg, "export": exp}
+    return {"shape": shape, "dropout": float(dropout), "config": cfg, "export": exp}
 
 
 def check_export_shape(found: dict, shape: dict, where: Path) -> None:
     """An export's model shape (`found`, from export_info) against the run's, else ConfigError("model.<key>")."""
-    diff = [k for k in SHAPE_KEYS if k in shape and found.get(k) != shape.get(k)]
+    diff = shape_diff(found, shape)
     if diff:
         detail = ", ".join(f"model.{k}: export {found.get(k)} vs config {shape.get(k)}" for k in diff)
         fix = ("train without model.bias=false to start from a GPT-2 export" if diff == ["bias"] else

@@ -1,6 +1,6 @@
 """Full (unsharded) model weights from any source kiln reads: a kiln checkpoint (a step_*
 directory, or a run directory: its newest) or an export directory (kiln-export's output, or any
-GPT-2 directory `save_pretrained` wrote; its files: kiln.checkpoint.export). For model.init_from,
+GPT-2 or Llama directory `save_pretrained` wrote; its files: kiln.checkpoint.export). For model.init_from,
 kiln-generate and kiln-export.
 
 `consolidated_state_dict(ckpt)` gathers a checkpoint's shards; `read_export(path, shape)` reads an
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kiln.checkpoint.meta import (CONFIG_FILE, WEIGHTS_FILE, check_export_shape, check_model_shape, export_info,
-                                  read_meta)
+from kiln.checkpoint.meta import (CONFIG_FILE, HF_ADAPTERS, WEIGHTS_FILE, check_export_shape, check_model_shape,
+                                  export_info, read_meta)
 from kiln.errors import ConfigError
-from kiln.model.hf_gpt2 import from_hf_state_dict, tensor_problems
+from kiln.model.config import arch_of, tied_embedding
 
 def consolidated_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The model's fp32 weights gathered from a checkpoint's DeepSpeed shards (any ZeRO stage),
@@ -37,35 +37,41 @@ def consolidated_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
         sd = {k: v.float() for k, v in states["module"].items()}
     else:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    # The LM head is tied to the token embedding; DeepSpeed may list it under either name.
-    if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    # A tied LM head is one tensor under two names; DeepSpeed may list it under either.
+    embedding = tied_embedding(meta.get("model_shape", {}))
+    if embedding is not None:
+        if "lm_head.weight" not in sd and embedding in sd:
+            sd["lm_head.weight"] = sd[embedding]
+        elif embedding not in sd and "lm_head.weight" in sd:
+            sd[embedding] = sd["lm_head.weight"]
     return sd
 
 
 def read_export(path: str | os.PathLike, shape: dict | None) -> dict[str, torch.Tensor]:
-    """A kiln GPT state dict (fp32, lm_head tied to wte) from a kiln-export or GPT-2
-    save_pretrained directory; `shape` (n_layer, n_head, n_embd, block_size, vocab_size, bias),
-    when given, must match the export's, else ConfigError("model.<key>")."""
+    """A kiln state dict (fp32, a tied LM head under both names) from a kiln-export or a GPT-2 /
+    Llama save_pretrained directory; `shape` (the run's model shape), when given, must match the
+    export's, else ConfigError("model.<key>")."""
     p = Path(path).expanduser()
     info = export_info(p)
     found = info["shape"]
     if shape is not None:
         check_export_shape(found, shape, p)
-    sd = from_hf_state_dict(load_file(str(p / WEIGHTS_FILE), device="cpu"))
-    wte = sd.get("transformer.wte.weight")
-    if wte is None:
-        raise ConfigError("model.init_from", f"{p}/{WEIGHTS_FILE} has no transformer.wte.weight",
-                          "use a kiln-export directory")
-    head = sd.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, wte):
-        raise ConfigError("model.init_from", f"{p}/{WEIGHTS_FILE} has an LM head that differs from its "
-                          f"token embedding; kiln's GPT ties them", "use weights with a tied LM head")
-    problems = tensor_problems(sd, found)
+    adapter = HF_ADAPTERS[arch_of(found)]
+    sd = adapter.from_hf_state_dict(load_file(str(p / WEIGHTS_FILE), device="cpu"))
+    embedding = tied_embedding(found)
+    if embedding is not None:
+        if embedding not in sd:
+            raise ConfigError("model.init_from", f"{p}/{WEIGHTS_FILE} has no {embedding}", "use a kiln-export directory")
+        head = sd.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, sd[embedding]):
+            raise ConfigError("model.init_from", f"{p}/{WEIGHTS_FILE} has an LM head that differs from its "
+                              f"token embedding, but its {CONFIG_FILE} ties them", "use weights with a tied LM head")
+    problems = adapter.tensor_problems(sd, found)
     if problems:
         raise ConfigError("model.init_from", f"{p}/{WEIGHTS_FILE} does not match its {CONFIG_FILE} ({problems})",
                           "re-export the checkpoint with kiln-export")
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if embedding is not None:
+        sd["lm_head.weight"] = sd[embedding]
     return sd
 
 

@@ -1,10 +1,11 @@
-"""kiln-export: a kiln checkpoint -> a Hugging Face GPT-2 directory.
+"""kiln-export: a kiln checkpoint -> a Hugging Face GPT-2 or Llama directory.
 
     kiln-export checkpoints/kiln/step_000001000 exports/kiln-1000
     kiln-export checkpoints/kiln exports/latest          # a run directory: its newest checkpoint
 
-Writes model.safetensors (fp32 weights gathered from the ZeRO shards, GPT-2 layout), config.json
-(transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) loads both), the tokenizer the training
+Writes model.safetensors (fp32 weights gathered from the ZeRO shards, in the Hugging Face layout),
+config.json (transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR) loads both: a
+GPT2LMHeadModel for model.arch=gpt2, a LlamaForCausalLM for model.arch=llama), the tokenizer the training
 data was written with (tokenizer.json + tokenizer_config.json, and kiln_tokenizer.json), and
 kiln_export.json (model shape, step, source). A model GPT-2 cannot express (model.bias=false)
 is refused with exit code 2. Start a new kiln run from the export with model.init_from=OUT_DIR.
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[kiln] exported {info['checkpoint']} (step {info['step']}, {info['parameters']:,} parameters, "
           f"{s['n_layer']} layers x {s['n_embd']}, vocab {s['vocab_size']}, {info['tokenizer']['type']} tokenizer)")
     print(f"[kiln] -> {info['out_dir']}: {', '.join(info['files'])}")
-    print(f"[kiln] load: transformers.GPT2LMHeadModel.from_pretrained({info['out_dir']!r}); "
+    hf_class = "LlamaForCausalLM" if s.get("arch") == "llama" else "GPT2LMHeadModel"
+    print(f"[kiln] load: transformers.{hf_class}.from_pretrained({info['out_dir']!r}); "
           f"sample: kiln-generate {info['out_dir']} --prompt '...'")
     return 0
 

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kiln.errors import ConfigError
-from kiln.model.config import GPTConfig
+from kiln.model.config import GPTConfig, LlamaConfig
 
 
 class Choice(str, Enum):
@@ -39,6 +39,17 @@ class Dtype(Choice):
 class Offload(Choice):
     none = "none"
     cpu = "cpu"
+
+
+class Arch(Choice):
+    gpt2 = "gpt2"    # kiln.model.gpt: GPT-2 (LayerNorm, GELU, learned positions, biases, tied head)
+    llama = "llama"  # kiln.model.llama: RMSNorm, SwiGLU, rotary positions, no biases, grouped-query attention
+
+
+class Checkpointing(Choice):
+    none = "none"            # keep every block's activations for the backward pass
+    selective = "selective"  # recompute every other block: about half the activation memory
+    full = "full"            # recompute every block: the least memory, about a third more compute
 
 
 class LauncherName(Choice):
@@ -86,25 +97,45 @@ def _positive(section: str, obj, *names: str) -> None:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    arch: Arch = Arch.gpt2
     n_layer: int = MISSING
     n_head: int = MISSING
     n_embd: int = MISSING
     block_size: int = MISSING
     # null: take the vocabulary size from the tokenizer saved beside the data shards.
     vocab_size: Optional[int] = None
+    # Round the vocabulary up to a multiple of this (64: GPT-2's 50257 becomes 50304, whose
+    # matrices tile evenly on tensor cores); the extra rows are never sampled.
+    pad_vocab_multiple: int = 1
     dropout: float = 0.0
     bias: bool = True
+    # arch=llama only. n_kv_head: key/value heads (grouped-query attention; null = n_head);
+    # ffn_hidden: SwiGLU width (null = 8/3 n_embd rounded up to a multiple of 256, as Llama);
+    # tie_embeddings: share the LM head with the token embedding (null: gpt2 always, llama not).
+    n_kv_head: Optional[int] = None
+    ffn_hidden: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: Optional[bool] = None
     # Start from these weights (a kiln checkpoint or kiln-export directory) with a fresh
     # optimizer and schedule: continued pretraining or fine-tuning.
     init_from: Optional[str] = None
 
-    def build(self, tokenizer_vocab: int) -> GPTConfig:
+    def build(self, tokenizer_vocab: int) -> GPTConfig | LlamaConfig:
         """The model's own config; a null vocab_size takes the tokenizer's."""
-        return GPTConfig(vocab_size=self.vocab_size or tokenizer_vocab, n_layer=self.n_layer, n_head=self.n_head,
+        vocab = self.vocab_size or tokenizer_vocab
+        vocab = -(-vocab // self.pad_vocab_multiple) * self.pad_vocab_multiple
+        if self.arch == Arch.llama:
+            return LlamaConfig(vocab_size=vocab, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                               block_size=self.block_size, n_kv_head=self.n_kv_head or self.n_head,
+                               ffn_hidden=self.ffn_hidden or -(-8 * self.n_embd // 3 // 256) * 256,
+                               rope_theta=float(self.rope_theta), norm_eps=float(self.norm_eps),
+                               tie_embeddings=bool(self.tie_embeddings), dropout=self.dropout)
+        return GPTConfig(vocab_size=vocab, n_layer=self.n_layer, n_head=self.n_head,
                          n_embd=self.n_embd, block_size=self.block_size, dropout=self.dropout, bias=self.bias)
 
     def check(self) -> None:
-        _positive("model", self, "n_layer", "n_head", "n_embd", "block_size")
+        _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_multiple")
         if self.n_embd % self.n_head != 0:
             divisors = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
             raise ConfigError("model.n_head", f"model.n_embd={self.n_embd} is not divisible by "
@@ -116,6 +147,35 @@ class ModelConfig:
         if not 0 <= self.dropout < 1:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}",
                               "set model.dropout to a probability, e.g. 0.0 for pretraining or 0.1")
+        if self.arch == Arch.llama:
+            self._check_llama()
+            return
+        for key in ("n_kv_head", "ffn_hidden"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"model.{key}", f"is a Llama setting; this model is model.arch=gpt2",
+                                  f"remove model.{key}, or use a Llama preset (model=llama-tiny, model=llama-1b)")
+        if self.tie_embeddings is False:
+            raise ConfigError("model.tie_embeddings", "GPT-2 always ties its LM head to the token embedding",
+                              "remove model.tie_embeddings, or use model.arch=llama for an untied head")
+
+    def _check_llama(self) -> None:
+        if self.bias:
+            raise ConfigError("model.bias", "a Llama model has no biases (model.arch=llama)",
+                              "set model.bias=false (the llama presets do)")
+        kv = self.n_kv_head or self.n_head
+        if kv < 1 or self.n_head % kv:
+            options = [h for h in range(1, self.n_head + 1) if self.n_head % h == 0]
+            raise ConfigError("model.n_kv_head", f"{kv} key/value heads cannot be shared evenly by "
+                              f"model.n_head={self.n_head} query heads", f"choose model.n_kv_head from {options}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.n_head", f"the head size n_embd / n_head = {self.n_embd // self.n_head} is odd; "
+                              f"rotary positions rotate pairs of dimensions", "choose n_head so the head size is even")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ConfigError("model.ffn_hidden", f"must be positive or null, got {self.ffn_hidden}",
+                              "set the SwiGLU width (null: 8/3 n_embd rounded up to 256)")
+        if not self.rope_theta > 0 or not self.norm_eps > 0:
+            key = "model.rope_theta" if not self.rope_theta > 0 else "model.norm_eps"
+            raise ConfigError(key, "must be > 0", "rope_theta 10000 (Llama 2) or 500000 (Llama 3); norm_eps 1e-5")
 
 
 @dataclass
@@ -189,14 +249,27 @@ class ParallelismConfig:
     # Where ZeRO keeps optimizer state / (stage 3 only) parameters.
     offload_optimizer: Offload = Offload.none
     offload_param: Offload = Offload.none
-    # Overlap gradient reduction with the backward pass (stages 1-2).
-    overlap_comm: bool = False
+    # Overlap gradient reduction (and, stage 3, parameter gathers) with compute on a side
+    # stream. null: on GPUs; off on a CPU, which has no streams to overlap on.
+    overlap_comm: Optional[bool] = None
     contiguous_gradients: bool = True
+    # Elements per gradient-reduction / all-gather bucket (DeepSpeed's reduce_bucket_size and
+    # allgather_bucket_size): bigger buckets, fewer and larger collectives.
+    bucket_size: int = 500_000_000
+    # Stage 3: parameters below this many elements are kept whole on every rank instead of being
+    # gathered at each use (null: DeepSpeed's default, 100k; 0 shards even LayerNorm gains: tests).
+    param_persistence_threshold: Optional[int] = None
 
     def check(self) -> None:
         if not 0 <= self.zero_stage <= 3:
             raise ConfigError("parallelism.zero_stage", f"{self.zero_stage} is not a ZeRO stage",
                               "use 0, 1, 2 or 3 (or pick a preset: parallelism=zero0|zero1|zero2|zero3)")
+        if self.bucket_size < 1:
+            raise ConfigError("parallelism.bucket_size", f"must be at least 1, got {self.bucket_size}",
+                              "elements per communication bucket: DeepSpeed's default is 500000000")
+        if self.param_persistence_threshold is not None and self.param_persistence_threshold < 0:
+            raise ConfigError("parallelism.param_persistence_threshold", f"must be >= 0 or null, got "
+                              f"{self.param_persistence_threshold}", "null keeps DeepSpeed's default (100000)")
         if self.offload_param != Offload.none and self.zero_stage != 3:
             raise ConfigError("parallelism.offload_param", "parameter offload needs ZeRO stage 3",
                               "use parallelism=zero3_offload, or set parallelism.offload_param=none")
@@ -265,6 +338,11 @@ class TrainerConfig:
     # One device's peak TFLOP/s that MFU is measured against; null: kiln's table of GPUs (dense
     # bf16, kiln.model.flops), and no MFU on a CPU or an unknown GPU.
     peak_tflops: Optional[float] = None
+    # torch.compile the model: null = on GPUs (the kernels fuse), off on CPUs (compiling costs
+    # more than it saves there); true/false force it.
+    compile: Optional[bool] = None
+    # Recompute activations in the backward pass instead of keeping them (see Checkpointing).
+    activation_checkpointing: Checkpointing = Checkpointing.none
 
     def check(self) -> None:
         _positive("trainer", self, "max_steps", "micro_batch_size", "grad_accum_steps", "log_interval",

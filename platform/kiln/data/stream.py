@@ -125,8 +125,9 @@ class ResumableLoader:
     """Iterator of (x, y) for one rank, with `state_dict()` to save its exact position."""
 
     def __init__(self, spec: StreamSpec, *, rank: int, world: int, num_workers: int,
-                 state: dict | None = None, prefetch_factor: int = 4):
+                 state: dict | None = None, prefetch_factor: int = 4, pin_memory: bool = False):
         self.spec, self.rank, self.world, self.num_workers = spec, rank, world, num_workers
+        self.pin_memory = pin_memory  # page-locked batches: the host-to-GPU copy runs asynchronously
         self.roles = max(num_workers, 1)
         if state is not None:
             check_resumable(state, spec, world, num_workers)
@@ -167,6 +168,8 @@ class ResumableLoader:
         self.next_role = (role + 1) % self.roles
         x = torch.from_numpy(np.ascontiguousarray(blocks[:, :-1], dtype=np.int64))  # (B, T) inputs
         y = torch.from_numpy(np.ascontiguousarray(blocks[:, 1:], dtype=np.int64))  # (B, T) targets
+        if self.pin_memory:  # without it, .to(device, non_blocking=True) copies synchronously
+            x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def state_dict(self) -> dict:

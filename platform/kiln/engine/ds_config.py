@@ -18,15 +18,17 @@ def deepspeed_config(cfg, world_size: int, on_gpu: bool = True) -> dict:
     zero: dict = {
         "stage": stage,
         "contiguous_gradients": par.contiguous_gradients,
-        "overlap_comm": par.overlap_comm,
+        "overlap_comm": on_gpu if par.overlap_comm is None else par.overlap_comm,
+        "reduce_bucket_size": par.bucket_size,
     }
+    if stage in (1, 2):
+        zero["allgather_bucket_size"] = par.bucket_size
     if par.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": str(par.offload_optimizer), "pin_memory": True}
     if stage == 3 and par.offload_param != "none":
         zero["offload_param"] = {"device": str(par.offload_param), "pin_memory": True}
-    if stage == 3:
-        # Tiny models would otherwise keep everything persistent and never exercise sharding.
-        zero["stage3_param_persistence_threshold"] = 0
+    if stage == 3 and par.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = par.param_persistence_threshold
 
     dtype = prec.dtype
     sched = schedule_params(cfg)
@@ -67,13 +69,17 @@ def deepspeed_config(cfg, world_size: int, on_gpu: bool = True) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if not on_gpu and par.offload_optimizer == "none":
-        # DeepSpeed's CPU Adam kernel keeps beta**step as a running product inside C++ and, after a
-        # resume, recomputes it with pow(): the bias correction then differs in the last bit and a
-        # resumed fp32 run drifts from the uninterrupted one. torch's AdamW derives it from the
-        # step stored in the checkpoint, so CPU runs resume bitwise. (DeepSpeed's GPU FusedAdam
-        # already computes it from the step; offload keeps DeepSpeed's CPU Adam for its speed.)
+    if par.offload_optimizer == "none":
+        # torch's AdamW, not DeepSpeed's own Adam ops. On a GPU DeepSpeed would pick FusedAdam,
+        # which JIT-builds with nvcc and a matching CUDA toolkit: a fresh `pip install` on a
+        # machine without one fails at the first step. torch's fused AdamW kernel ships with torch.
+        # On a CPU, DeepSpeed's CPU Adam keeps beta**step as a running product inside C++ and, after
+        # a resume, recomputes it with pow(): the bias correction differs in the last bit and a
+        # resumed run drifts. torch's AdamW derives it from the step stored in the checkpoint, so
+        # runs resume bitwise on both. (Offload keeps DeepSpeed's CPU Adam for its speed.)
         ds["optimizer"]["params"]["torch_adam"] = True
+        if on_gpu:
+            ds["optimizer"]["params"]["fused"] = True
     if dtype == "bf16" and stage > 0:
         # Keep gradient accumulation and reduction in fp32 for stable small-batch training. ZeRO
         # stages 1-3 support it; stage 0 (DeepSpeed's bf16 optimizer without ZeRO) refuses fp32

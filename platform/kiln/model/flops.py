@@ -3,9 +3,10 @@
 
     FLOPs per token = 6 N + 12 L C T      (forward and backward, one token of a T-token sequence)
 
-- N: the parameters a token's matrix multiplies use: every parameter except the position
-  embedding (a lookup), with a tied LM head counted once, as the head (its other use, the token
-  embedding, is a lookup too). 6 N = 2 (multiply-add) x 3 (forward, and backward for activations
+- N: the parameters a token's matrix multiplies use: every parameter except the lookups (GPT-2's
+  position embedding; an untied token embedding), with a tied LM head counted once, as the head
+  (its other use, the token embedding, is a lookup too). Llama's rotary positions have no
+  parameters; its grouped-query k/v projections count at their real (smaller) size. 6 N = 2 (multiply-add) x 3 (forward, and backward for activations
   and for weights).
 - 12 L C T: attention's two T x T products (QK^T and AV) in each of L layers of width C, forward
   and backward, counted for the full T x T matrix although a causal mask needs only half of it
@@ -21,7 +22,7 @@ trainer.peak_tflops names a peak (and even then says little: CPU matmul rates va
 
 from __future__ import annotations
 
-from kiln.model.config import GPTConfig
+from kiln.model.config import GPTConfig, LlamaConfig
 
 # Dense bf16 TFLOP/s per device, matched against torch.cuda.get_device_name() (first match wins,
 # so the more specific names come first).
@@ -39,12 +40,14 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def matmul_params(n_params: int, model: GPTConfig) -> int:
-    """N of the formula: all parameters (the tied head once) but the position embedding."""
+def matmul_params(n_params: int, model: GPTConfig | LlamaConfig) -> int:
+    """N of the formula: all parameters (a tied head once) but the embedding lookups."""
+    if isinstance(model, LlamaConfig):
+        return n_params if model.tie_embeddings else n_params - model.vocab_size * model.n_embd
     return n_params - model.block_size * model.n_embd
 
 
-def flops_per_token(n_params: int, model: GPTConfig, seq_len: int) -> float:
+def flops_per_token(n_params: int, model: GPTConfig | LlamaConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length seq_len."""
     return 6.0 * matmul_params(n_params, model) + 12.0 * model.n_layer * model.n_embd * seq_len
 

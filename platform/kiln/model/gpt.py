@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kiln.model.config import GPTConfig
+from kiln.model.groups import decay_groups
+from kiln.model.loss import cross_entropy
+from kiln.model.recompute import run_blocks
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,6 +74,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
+        self.checkpointing = "none"  # trainer.activation_checkpointing (kiln.model.recompute)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),  # token embedding
@@ -106,30 +110,20 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, V), None) without targets; (None, mean loss) with them: the loss's
+        gradient takes the logits' place (kiln.model.loss), so they are not returned."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            # Cross-entropy in fp32 whatever the compute dtype: bf16 logits lose too much precision.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        x = run_blocks(self.transformer.h, x, self.checkpointing)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        return None, cross_entropy(logits, targets)  # fp32 whatever the compute dtype
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices (2-D+), never biases or LayerNorm gains."""
-        decay, no_decay = [], []
-        for p in self.parameters():  # parameters() yields the tied matrix once
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)

@@ -94,7 +94,7 @@ def hf_config_problems(cfg: dict) -> list[str]:
 def shape_from_hf_config(cfg: dict) -> dict:
     """The kiln model shape of a GPT-2 config.json (transformers' defaults for missing keys);
     meaningful when `hf_config_problems(cfg)` is empty."""
-    return {"n_layer": cfg.get("n_layer", 12), "n_head": cfg.get("n_head", 12), "n_embd": cfg.get("n_embd", 768),
+    return {"arch": "gpt2", "n_layer": cfg.get("n_layer", 12), "n_head": cfg.get("n_head", 12), "n_embd": cfg.get("n_embd", 768),
             "block_size": cfg.get("n_positions", 1024), "vocab_size": cfg.get("vocab_size", 50257),
             "bias": True}
 
@@ -149,7 +149,11 @@ def expected_shapes(shape: dict) -> dict[str, tuple]:
 
 def tensor_problems(sd: dict, shape: dict) -> str | None:
     """What keeps `sd` (kiln layout, without lm_head) from being a kiln GPT of `shape`, or None."""
-    exp = expected_shapes(shape)
+    return shape_problems(sd, expected_shapes(shape))
+
+
+def shape_problems(sd: dict, exp: dict[str, tuple]) -> str | None:
+    """The tensors `sd` lacks, has too many of, or has in other shapes than `exp`; None if none."""
     missing = sorted(set(exp) - set(sd))
     unexpected = sorted(set(sd) - set(exp))
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {exp[k]})" for k in exp if k in sd and tuple(sd[k].shape) != exp[k]]

@@ -17,8 +17,8 @@ class Checkpointer:
         self.meta = {"world_size": ctx.world_size, "model_shape": plan.model.shape(),
                      "data_fingerprint": plan.data.spec.fingerprint, "config": plan.config.to_dict()}
 
-    def due(self, step: int, stop: bool) -> bool:
-        return (self.interval > 0 and step % self.interval == 0) or step == self.max_steps or stop
+    def due(self, step: int) -> bool:
+        return (self.interval > 0 and step % self.interval == 0) or step == self.max_steps
 
     def restore(self, state: TrainState) -> dict:
         """Load the run's latest checkpoint (or the one it branches from) into the engine and

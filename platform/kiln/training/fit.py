@@ -17,15 +17,16 @@ from kiln.checkpoint.weights import load_init_weights
 from kiln.context import Context
 from kiln.data.stream import ResumableLoader
 from kiln.engine.build import build_engine, needs_own_grad_norm
-from kiln.model.gpt import GPT
+from kiln.model.factory import build_model as build_network
 from kiln.plan import RunPlan
 from kiln.tracking.console import print_line
 from kiln.tracking.tracker import NullTracker, Tracker
 from kiln.training.checkpointer import Checkpointer
 from kiln.training.evaluator import Evaluator
+from kiln.training.memory import peak_memory
 from kiln.training.metrics import MetricsLogger
 from kiln.training.state import TrainState
-from kiln.training.step import GradWatch, any_rank, as_float, train_step
+from kiln.training.step import GradWatch, as_float, train_step
 
 
 def fit(plan: RunPlan, ctx: Context) -> dict:
@@ -33,12 +34,16 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
     summary (rank 0's is complete)."""
     cfg, tr = plan.config, plan.config.trainer
     model, n_params = build_model(plan, ctx.rank)
+    model.checkpointing = str(tr.activation_checkpointing)
     engine, _ = build_engine(model, cfg, ctx.world_size)
+    if compile_enabled(tr.compile, ctx.device):
+        engine.compile()  # DeepSpeed's: compiles the module in place, ZeRO hooks and names kept
     tokens_per_step = tr.micro_batch_size * tr.grad_accum_steps * cfg.data.seq_len * ctx.world_size
     state, checkpointer = TrainState(ctx.device), Checkpointer(plan, ctx, engine, tokens_per_step)
     meta = checkpointer.restore(state)
     batches = ResumableLoader(plan.data.spec, rank=ctx.rank, world=ctx.world_size, num_workers=cfg.data.num_workers,
-                              state=state.data if cfg.data.resume_stream else None)
+                              state=state.data if cfg.data.resume_stream else None,
+                              pin_memory=ctx.device.type == "cuda")
     if state.rng is not None:
         set_rng_state(state.rng)  # last: creating the loader above draws from the RNG
     tracker = Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id")) if ctx.is_main else NullTracker()
@@ -52,11 +57,14 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
             state.add(step_loss)
             meter.step_done()
             watch.add(norm)
-            stop = any_rank(ctx.stop_requested(), ctx.device)
-            log, evaluate, save = meter.due(state.step, stop), evaluator.due(state.step), checkpointer.due(state.step, stop)
-            metrics = {"step": state.step}
+            # The ranks agree on a stop (SIGTERM, preemption) where they already sync: the steps
+            # that log, evaluate or save (trainer.log_interval), never with a collective per step.
+            log, evaluate, save = meter.due(state.step), evaluator.due(state.step), checkpointer.due(state.step)
+            metrics, stop = {"step": state.step}, False
             if log or evaluate or save:  # never save (nor log) without checking for divergence
-                loss = watch.check(state.interval_loss, state.interval_steps, norm, state.step, lr)
+                loss, stop = watch.check(state.interval_loss, state.interval_steps, norm, state.step, lr,
+                                         stop=ctx.stop_requested())
+                save = save or stop
             if log or evaluate:
                 metrics = meter.record(loss, lr, as_float(norm), batches)
                 if evaluate:
@@ -75,6 +83,11 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
     return tracker.finish(summary(plan, ctx, state, meter, batches, n_params, stopped_at, tokens_per_step))
 
 
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """trainer.compile: null compiles on GPUs only (on a CPU compiling costs more than it saves)."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -87,12 +100,12 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])
 
 
-def build_model(plan: RunPlan, rank: int) -> tuple[GPT, int]:
+def build_model(plan: RunPlan, rank: int) -> tuple[torch.nn.Module, int]:
     """The model with the same initial weights on every rank (or model.init_from's); then each
     rank draws its own random numbers (a resumed rank restores its saved RNG state later)."""
     seed = plan.config.trainer.seed
     seed_everything(seed)
-    model = GPT(plan.model)
+    model = build_network(plan.model)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     if plan.config.model.init_from:
         load_init_weights(model, plan.config.model.init_from, plan.model.shape())
@@ -126,6 +139,7 @@ def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger
         "tokens_per_s": meter.steady_tokens_per_s(),
         "parameters": n_params,
         **meter.flops_summary(),
+        **peak_memory(ctx.device),
         "world_size": ctx.world_size,
         "data": batches.stats(),
         "output_dir": str(ctx.output_dir),

@@ -44,8 +44,8 @@ class MetricsLogger:
         self.started = time.perf_counter()
         self.first_here = len(state.throughput)  # the intervals before are a previous process's
 
-    def due(self, step: int, stop: bool) -> bool:
-        return step % self.interval == 0 or step == self.max_steps or stop
+    def due(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.max_steps
 
     def step_done(self) -> None:
         self.timed += 1

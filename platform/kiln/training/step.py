@@ -24,11 +24,6 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return (_all_reduce(value.detach().float().clone()) / world()).item()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any: how ranks agree on a step to stop at."""
-    return bool(_all_reduce(torch.tensor([1 if flag else 0], device=device), dist.ReduceOp.MAX).item())
-
-
 def local_grad_norm(engine) -> torch.Tensor:
     """2-norm of the gradients DeepSpeed is about to clip and apply. Called after the boundary
     micro-batch's backward, where ZeRO-0 has all-reduced them: the global pre-clipping norm,
@@ -84,18 +79,21 @@ class GradWatch:
         elif not math.isfinite(float(norm)):
             self.on_host += 1
 
-    def check(self, interval_loss: torch.Tensor, interval_steps: int, norm, step: int, lr: float) -> float:
-        """The mean loss of the steps since the last log, all ranks agreeing (one all-reduce, which
-        also syncs the device); raises if the run diverged since the last check (check_finite)."""
+    def check(self, interval_loss: torch.Tensor, interval_steps: int, norm, step: int, lr: float,
+              stop: bool = False) -> tuple[float, bool]:
+        """(the mean loss of the steps since the last check, whether any rank asked to stop), all
+        ranks agreeing: one all-reduce, which also syncs the device, so the stop flag needs no
+        collective of its own. Raises if the run diverged since the last check (check_finite)."""
         t = torch.stack([interval_loss.detach().float() / max(interval_steps, 1),
-                         (self.on_device + self.on_host).float()])
+                         (self.on_device + self.on_host).float(),
+                         torch.tensor(float(stop), device=self.device)])
         _all_reduce(t)
         t[0] /= world()
-        loss, bad = t.tolist()
+        loss, bad, stops = t.tolist()
         check_finite(loss, as_float(norm), int(bad), step, self.checked_at, lr)
         self.on_device.zero_()
         self.on_host, self.checked_at = 0, step
-        return loss
+        return loss, stops > 0
 
 
 def check_finite(loss: float, grad: float | None, bad_steps: int, step: int, since: int, lr: float) -> None:
