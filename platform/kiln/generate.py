@@ -85,7 +85,7 @@ def load_model(path: str | os.PathLike, tokenizer=None) -> tuple[torch.nn.Module
         meta = read_meta(ckpt)
         shape, dropout = meta["model_shape"], float(meta["config"]["model"].get("dropout", 0.0))
         sd = consolidated_state_dict(ckpt)
-        tokenizer = tokenizer or checkpoint_tokenizer(meta)
+        tokenizer = tokenizer or checkpoint_tokenizer(meta, ckpt)
         info = {"source": "checkpoint", "path": str(ckpt), "step": meta["step"], "shape": shape}
     model = build_model(config_from_shape(shape, dropout))
     missing, unexpected = model.load_state_dict(sd, strict=False)

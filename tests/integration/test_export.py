@@ -250,3 +250,28 @@ def test_export_of_a_bpe_run_carries_its_tokenizer(tmp_path, bpe_dataset):
     model, tok, _ = load_model(storage / "bpe")  # the checkpoint, with the dataset's tokenizer
     assert tok.name == "bpe"
     assert generate_text(model, tok, "import ", max_new_tokens=20, seed=3) + "\n" == proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_checkpoint_carries_its_tokenizer_and_never_runs_what_its_meta_names(base, tmp_path):
+    """kiln-export reads the tokenizer kept inside the checkpoint, so the dataset may be gone; a
+    checkpoint without one (written before kiln kept it) whose config names a pipe: command is
+    refused, and the command never runs."""
+    from kiln.checkpoint.export import export_checkpoint
+    from kiln.errors import DataError
+
+    ckpt = tmp_path / "step_000000030"
+    shutil.copytree(base["ckpt"], ckpt)
+    assert json.loads((ckpt / "kiln" / "tokenizer" / "kiln_tokenizer.json").read_text())["type"] == "byte"
+    meta_file = ckpt / "kiln" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    marker = tmp_path / "ran"
+    meta["config"]["data"]["path"] = f"pipe:touch {marker}; cat {base['data']}/train-000000.tar"
+    meta_file.write_text(json.dumps(meta))
+    info = export_checkpoint(ckpt, tmp_path / "out")  # its own tokenizer: the pipe: is never read
+    assert info["tokenizer"]["type"] == "byte" and not marker.exists()
+
+    shutil.rmtree(ckpt / "kiln" / "tokenizer")  # an older checkpoint
+    with pytest.raises(DataError, match="never runs a command") as e:
+        export_checkpoint(ckpt, tmp_path / "out2")
+    assert "--tokenizer" in str(e.value) and not marker.exists() and not (tmp_path / "out2").exists()

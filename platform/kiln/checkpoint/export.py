@@ -69,7 +69,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         if not (out / EXPORT_FILE).is_file():  # --overwrite never deletes what kiln did not write
             raise DataError(f"{out} is not a kiln export (no {EXPORT_FILE}); --overwrite replaces only an earlier "
                             f"export: choose another OUT_DIR, or remove {out} yourself")
-    tokenizer = tokenizer or checkpoint_tokenizer(meta)
+    tokenizer = tokenizer or checkpoint_tokenizer(meta, ckpt)
     if tokenizer.vocab_size > shape["vocab_size"]:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{shape['vocab_size']}: it is not the tokenizer this model was trained with")

@@ -10,11 +10,16 @@ import numpy as np
 import torch
 
 from kiln.checkpoint.meta import read_meta
+from kiln.checkpoint.safe_load import weights_only_loads
+from kiln.checkpoint.tokenizer_files import CHECKPOINT_TOKENIZER_DIR, write_tokenizer
 from kiln.errors import ConfigError
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, lists and numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -22,19 +27,27 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys  # an ndarray in checkpoints written before this format
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(local_dir: Path, *, engine, rank: int, step: int, loop_state: dict, meta: dict) -> None:
+def write_checkpoint(local_dir: Path, *, engine, rank: int, step: int, loop_state: dict, meta: dict,
+                     tokenizer=None) -> None:
     """This rank's part of a checkpoint: DeepSpeed shards (collective), loop state, and (rank 0)
-    the run's metadata."""
+    the run's metadata and the data's tokenizer (so kiln-export and kiln-generate never need the
+    dataset, nor trust what its config names)."""
     (local_dir / "kiln").mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(local_dir / "ds"), tag=f"step{step}", save_latest=False)
     torch.save({**loop_state, "rng": rng_state()}, local_dir / "kiln" / f"rank_{rank}.pt")
     if rank == 0:
+        if tokenizer is not None:
+            tok_dir = local_dir / "kiln" / CHECKPOINT_TOKENIZER_DIR
+            tok_dir.mkdir(exist_ok=True)
+            write_tokenizer(tokenizer, tok_dir, meta["model_shape"]["block_size"])
         (local_dir / "kiln" / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
@@ -47,8 +60,10 @@ def load_checkpoint(ckpt: Path, *, engine, rank: int, world_size: int) -> tuple[
         raise ConfigError("launcher.num_workers",
                           f"checkpoint {ckpt} was written by {meta['world_size']} rank(s), this run has {world_size}",
                           f"resume with launcher.num_workers={meta['world_size']}")
-    path, _ = engine.load_checkpoint(str(Path(ckpt) / "ds"), tag=f"step{meta['step']}",
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loads():  # DeepSpeed's own torch.load calls included
+        path, _ = engine.load_checkpoint(str(Path(ckpt) / "ds"), tag=f"step{meta['step']}",
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = torch.load(Path(ckpt) / "kiln" / f"rank_{rank}.pt")
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ckpt}/ds (tag step{meta['step']})")
     _realign_optimizer_state(engine)
@@ -57,7 +72,6 @@ def load_checkpoint(ckpt: Path, *, engine, rank: int, world_size: int) -> tuple[
         # kiln's scheduler (engine/schedule.py) came back with its step count; DeepSpeed may load
         # the optimizer's own param groups after it: the next step's rate is the schedule's.
         schedule.apply()
-    state = torch.load(Path(ckpt) / "kiln" / f"rank_{rank}.pt", weights_only=False)
     return meta, state
 
 

@@ -38,10 +38,24 @@ BYTE_TOKENIZER_NOTE = (
 )
 
 
-def checkpoint_tokenizer(meta: dict):
-    """The tokenizer the run's data was written with: from the manifest of the dataset the
-    checkpoint's config names (data.path, or the first data.mixture source), as training loads it."""
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"  # <checkpoint>/kiln/tokenizer/: write_tokenizer's files
+
+
+def checkpoint_tokenizer(meta: dict, ckpt: str | os.PathLike | None = None):
+    """The tokenizer the run's data was written with: the copy inside the checkpoint (kiln keeps
+    one in <ckpt>/kiln/tokenizer/), else, for checkpoints written before it did, the manifest of
+    the local dataset directory its config names. A checkpoint is data from elsewhere: kiln never
+    runs a `pipe:` command or fetches a URL that one names."""
+    if ckpt is not None and (Path(ckpt) / "kiln" / CHECKPOINT_TOKENIZER_DIR / KILN_TOKENIZER_FILE).is_file():
+        return export_tokenizer(Path(ckpt) / "kiln" / CHECKPOINT_TOKENIZER_DIR)
     data = meta["config"]["data"]
+    named = [data.get("path"), data.get("manifest")] + [v for m in data.get("mixture", [])
+                                                        for v in (m.get("path"), m.get("manifest"))]
+    remote = [str(v) for v in named if v and (str(v).startswith("pipe:") or "://" in str(v))]
+    if remote:
+        raise DataError(f"this checkpoint holds no tokenizer of its own and names its data as {remote[0]!r}; "
+                        f"kiln never runs a command or fetches a URL that a checkpoint names\n  fix: pass "
+                        f"--tokenizer byte|PATH/tokenizer.json (the tokenizer the data was written with)")
     try:
         sources = resolve_sources(DataConfig.from_dict(data))
         return load_source_tokenizer(sources[0], data["cache_dir"])

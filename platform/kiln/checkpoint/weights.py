@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from kiln.checkpoint.meta import (CONFIG_FILE, HF_ADAPTERS, WEIGHTS_FILE, check_export_shape, check_model_shape,
                                   export_info, read_meta)
+from kiln.checkpoint.safe_load import weights_only_loads
 from kiln.errors import ConfigError
 from kiln.model.config import arch_of, tied_embedding
 
@@ -31,12 +32,13 @@ def consolidated_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     meta = read_meta(ckpt)
     tag = f"step{meta['step']}"
     ds_dir = ckpt / "ds"
-    if meta["config"]["parallelism"]["zero_stage"] == 0:
-        # Stage 0 keeps whole weights in rank 0's model-states file.
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        sd = {k: v.float() for k, v in states["module"].items()}
-    else:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    with weights_only_loads():  # zero_to_fp32's torch.load calls included
+        if meta["config"]["parallelism"]["zero_stage"] == 0:
+            # Stage 0 keeps whole weights in rank 0's model-states file.
+            states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu")
+            sd = {k: v.float() for k, v in states["module"].items()}
+        else:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     # A tied LM head is one tensor under two names; DeepSpeed may list it under either.
     embedding = tied_embedding(meta.get("model_shape", {}))
     if embedding is not None:

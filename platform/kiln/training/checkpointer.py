@@ -12,7 +12,7 @@ from kiln.training.state import TrainState
 class Checkpointer:
     def __init__(self, plan: RunPlan, ctx: Context, engine, tokens_per_step: int):
         tr = plan.config.trainer
-        self.store, self.ctx, self.engine = ctx.checkpoints, ctx, engine
+        self.store, self.ctx, self.engine, self.tokenizer = ctx.checkpoints, ctx, engine, plan.data.tokenizer
         self.interval, self.max_steps, self.tokens_per_step = tr.checkpoint_interval, tr.max_steps, tokens_per_step
         self.meta = {"world_size": ctx.world_size, "model_shape": plan.model.shape(),
                      "data_fingerprint": plan.data.spec.fingerprint, "config": plan.config.to_dict()}
@@ -38,5 +38,5 @@ class Checkpointer:
         meta = dict(self.meta, step=step, tokens=step * self.tokens_per_step, wandb_id=wandb_id)
         loop_state = state.state_dict(data_position)
         self.store.save(step, lambda d: write_checkpoint(d, engine=self.engine, rank=self.ctx.rank, step=step,
-                                                         loop_state=loop_state, meta=meta),
+                                                         loop_state=loop_state, meta=meta, tokenizer=self.tokenizer),
                         {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
