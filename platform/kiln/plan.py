@@ -10,11 +10,12 @@ on the driver and then only read.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.checkpoint.policy import ResumeSource, decide_resume, storage_root
 from kiln.checkpoint.meta import check_export_shape, check_model_shape, export_info, read_meta
+from kiln.config.redact import redact
 from kiln.config.schema import TrainConfig
 from kiln.config.validate import validate_data
 from kiln.data.default_corpus import ensure_default_dataset
@@ -36,6 +37,9 @@ class RunPlan:
     model: ModelShapeConfig
     resume: ResumeSource
     trial: SweepTrial | None = None
+    # The config as kiln writes it (resolved_config.yaml, meta.json, W&B): credentials redacted
+    # here, on the driver, whose environment resolved it (kiln.config.redact).
+    public_config: dict = field(default_factory=dict)
 
     @property
     def run_name(self) -> str:
@@ -89,7 +93,7 @@ def plan_run(cfg: TrainConfig, output_dir: str | Path, trial: SweepTrial | None 
     if cfg.model.init_from is not None:
         check_init_from(Path(cfg.model.init_from), model)
     return RunPlan(config=cfg, output_dir=Path(output_dir).resolve(), storage=storage, named=named,
-                   data=data_plan, model=model, resume=resume, trial=trial)
+                   data=data_plan, model=model, resume=resume, trial=trial, public_config=redact(cfg.to_dict()))
 
 
 def check_init_from(path: Path, model: ModelShapeConfig) -> None:

@@ -289,3 +289,15 @@ def test_presets_build_their_models(compose):
     assert isinstance(big, LlamaConfig) and (big.n_kv_head, big.ffn_hidden, big.vocab_size) == (8, 8192, 50304)
     default = compose(["model=llama-tiny", "model.ffn_hidden=null", "model.n_kv_head=null"]).model.build(257)
     assert (default.ffn_hidden, default.n_kv_head) == (256, 4)  # 8/3 * 64 -> 256; null kv heads = n_head
+
+
+def test_redaction_of_credentials():
+    from kiln.config.redact import redact
+
+    secrets = [("s3cr3t-value", "MY_TOKEN")]
+    got = redact({"path": "pipe:curl -H 'Bearer s3cr3t-value' https://h/x.tar",
+                  "urls": ["https://user:pa55word@host/shards/{0..9}.tar", "https://h/a.tar?X-Amz-Signature=abc&part=1"],
+                  "plain": "http://host/a.tar", "n": 3, "short": "true"}, secrets)
+    assert got["path"] == "pipe:curl -H 'Bearer <redacted $MY_TOKEN>' https://h/x.tar"
+    assert got["urls"] == ["https://user:<redacted>@host/shards/{0..9}.tar", "https://h/a.tar?X-Amz-Signature=<redacted>&part=1"]
+    assert (got["plain"], got["n"], got["short"]) == ("http://host/a.tar", 3, "true")

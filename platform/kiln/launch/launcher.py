@@ -36,7 +36,7 @@ def run(plan: RunPlan, launcher: Launcher | None = None) -> dict:
         return finished_summary(plan)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     # The config as this run uses it (Hydra's .hydra/config.yaml keeps the unresolved one).
-    resolved = {**plan.config.to_dict(), "output_dir": str(plan.output_dir)}
+    resolved = {**plan.public_config, "output_dir": str(plan.output_dir)}  # credentials redacted
     OmegaConf.save(OmegaConf.create(resolved), plan.output_dir / "resolved_config.yaml")
     if not plan.named:
         print_line(f"run {plan.run_name} (unnamed: a new run; to continue it later, add trainer.run_name="

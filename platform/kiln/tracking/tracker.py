@@ -15,13 +15,13 @@ SUMMARY = "summary.json"
 class Tracker:
     """Only rank 0 builds a real Tracker; the other ranks get NullTracker."""
 
-    def __init__(self, cfg, output_dir: Path, resume_id: str | None = None):
-        """cfg: the run's TrainConfig."""
+    def __init__(self, cfg, output_dir: Path, resume_id: str | None = None, public_config: dict | None = None):
+        """cfg: the run's TrainConfig; public_config: what W&B records of it (credentials redacted)."""
         self.cfg, self.output_dir = cfg, output_dir
         self.max_steps = cfg.trainer.max_steps
         self.jsonl = JsonlWriter(output_dir / "metrics.jsonl")
         enabled = resolve_mode(cfg.logger) != "disabled"
-        self.wandb = WandbRun(cfg, output_dir, resume_id) if enabled else None
+        self.wandb = WandbRun(cfg, output_dir, resume_id, public_config) if enabled else None
         # Saved in checkpoints, so that a resumed run continues the same W&B run.
         self.wandb_id = self.wandb.run.id if self.wandb else None
 

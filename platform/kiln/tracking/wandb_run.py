@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kiln.config.redact import redact
+
 
 def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -26,7 +28,7 @@ def resolve_mode(logger_cfg) -> str:
 
 
 class WandbRun:
-    def __init__(self, cfg, output_dir: Path, resume_id: str | None = None):
+    def __init__(self, cfg, output_dir: Path, resume_id: str | None = None, public_config: dict | None = None):
         import wandb  # here: W&B takes seconds to import, and only rank 0 of a logged run needs it
 
         self.mode = resolve_mode(cfg.logger)
@@ -43,7 +45,7 @@ class WandbRun:
             resume="allow" if resume_id else None,
             dir=str(output_dir),
             mode=self.mode,
-            config=cfg.to_dict(),
+            config=public_config if public_config is not None else redact(cfg.to_dict()),
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         self.dir = Path(self.run.dir).parent if self.run is not None else None  # .../wandb/<run>

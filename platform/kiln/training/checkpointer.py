@@ -15,7 +15,7 @@ class Checkpointer:
         self.store, self.ctx, self.engine, self.tokenizer = ctx.checkpoints, ctx, engine, plan.data.tokenizer
         self.interval, self.max_steps, self.tokens_per_step = tr.checkpoint_interval, tr.max_steps, tokens_per_step
         self.meta = {"world_size": ctx.world_size, "model_shape": plan.model.shape(),
-                     "data_fingerprint": plan.data.spec.fingerprint, "config": plan.config.to_dict()}
+                     "data_fingerprint": plan.data.spec.fingerprint, "config": plan.public_config}
 
     def due(self, step: int) -> bool:
         return (self.interval > 0 and step % self.interval == 0) or step == self.max_steps

@@ -46,7 +46,8 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
                               pin_memory=ctx.device.type == "cuda")
     if state.rng is not None:
         set_rng_state(state.rng)  # last: creating the loader above draws from the RNG
-    tracker = Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id")) if ctx.is_main else NullTracker()
+    tracker = Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id"),
+                                            public_config=plan.public_config) if ctx.is_main else NullTracker()
     announce(plan, ctx, n_params)
     meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step, n_params), Evaluator(plan, ctx)
     watch, own_norm, stopped_at = GradWatch(ctx.device, str(cfg.precision.dtype)), needs_own_grad_norm(engine), None
