@@ -38,6 +38,7 @@ Tests never time anything; this script does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -169,7 +170,7 @@ def kiln_first_step(job: list[str], out: Path, name: str, timeout: float) -> tup
             if what not in seen and path.exists():
                 seen[what] = now
         if first is None and "engine+loader built (metrics.jsonl created)" in seen:
-            with contextlib_suppress():
+            with contextlib.suppress(OSError):
                 if (run / "metrics.jsonl").read_text().endswith("\n"):
                     first = now
         time.sleep(0.01)
@@ -178,15 +179,9 @@ def kiln_first_step(job: list[str], out: Path, name: str, timeout: float) -> tup
         raise SystemExit(f"{name}: no metrics.jsonl record seen (log {cmd.log})")
     timeline = {"driver: Ray up ('local Ray instance' line)": cmd.first_line("local Ray instance"), **seen,
                 "first step (first metrics.jsonl record)": first, "command exited": cmd.ended}
-    return first - cmd.started, {k: v - cmd.started for k, v in timeline.items() if v is not None}
-
-
-class contextlib_suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
+    timeline = dict(sorted(((k, v - cmd.started) for k, v in timeline.items() if v is not None),
+                           key=lambda kv: kv[1]))
+    return first - cmd.started, timeline
 
 
 def torchrun_side(spec: Path, out: Path, r: int, timeout: float) -> tuple[float, float, dict]:

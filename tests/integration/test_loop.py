@@ -4,6 +4,7 @@ after a resume. The runs are launcher=local inside the test process (kiln-train'
 without a subprocess); per-rank RNG streams are checked on two Ray workers in test_ray_runs.py."""
 
 import json
+import math
 import re
 import types
 
@@ -204,3 +205,55 @@ def test_activation_checkpointing_trains_the_same_run(tmp_path, small_dataset):
                         f"trainer.run_name={mode}"], tmp_path, mode)
         got[mode] = [r["loss"] for r in records(tmp_path, mode).values()]
     assert len(got["none"]) == 4 and got["none"] == pytest.approx(got["full"], abs=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_on_nonfinite_skip_leaves_parameters_and_optimizer_state_as_they_were(tmp_path, small_dataset, monkeypatch):
+    """trainer.on_nonfinite=skip: step 3's loss is NaN (a fault injected into the real loop);
+    DeepSpeed's optimizer leaves that step unapplied, kiln counts it and trains on. The weights and
+    every optimizer-state tensor saved after step 3 equal those saved after step 2."""
+    from kiln.checkpoint.safe_load import weights_only_loads
+    from kiln.checkpoint.weights import consolidated_state_dict
+
+    monkeypatch.setenv("KILN_FAULT_NAN_STEP", "3")
+    args = [f"data.path={small_dataset}", "parallelism=zero2", "precision=fp32", "trainer.max_steps=5",
+            "trainer.log_interval=1", "trainer.eval_interval=5", "trainer.checkpoint_interval=1",
+            "trainer.keep_checkpoints=0", "trainer.on_nonfinite=skip", "trainer.max_skipped_steps=1"]
+    summary = run_in_process(args, tmp_path, "run")
+    assert summary["steps"] == 5 and summary["skipped_steps"] == 1
+    got = records(tmp_path, "run")
+    assert all(math.isfinite(got[s]["loss"]) for s in (1, 2, 4, 5)) and math.isnan(got[3]["loss"])
+    assert got[5]["loss"] < got[1]["loss"]
+    ck = tmp_path / "ck" / "kiln"
+    before, after = (consolidated_state_dict(ck / f"step_00000000{s}") for s in (2, 3))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with weights_only_loads():
+        optim = [torch.load(next((ck / f"step_00000000{s}" / "ds" / f"step{s}").glob("*optim_states.pt")))
+                 for s in (2, 3)]
+
+    def tensors(obj, path=""):
+        if torch.is_tensor(obj):
+            yield path, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f"{path}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{path}/{i}")
+
+    a, b = dict(tensors(optim[0]["optimizer_state_dict"])), dict(tensors(optim[1]["optimizer_state_dict"]))
+    assert a.keys() == b.keys() and len(a) > 2
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    after4 = consolidated_state_dict(ck / "step_000000004")
+    assert not all(torch.equal(before[k], after4[k]) for k in before)  # step 4 trained again
+
+
+@pytest.mark.timeout(300)
+def test_on_nonfinite_skip_stops_past_max_skipped_steps(tmp_path, small_dataset, monkeypatch):
+    from kiln.errors import TrainingError
+
+    monkeypatch.setenv("KILN_FAULT_NAN_STEP", "2")
+    with pytest.raises(TrainingError, match="max_skipped_steps=0"):
+        run_in_process([f"data.path={small_dataset}", "parallelism=zero2", "trainer.max_steps=4",
+                        "trainer.log_interval=1", "trainer.on_nonfinite=skip", "trainer.max_skipped_steps=0"],
+                       tmp_path, "run")

@@ -140,3 +140,18 @@ def test_ray_zero3_worker_killed_mid_run_restarts_and_finishes(tmp_path, zero3_f
     assert_continues(full, {s: after[s] for s in range(k + 1, 41)}, k + 1, 40)  # bitwise
     assert after[40]["eval_loss"] == full[40]["eval_loss"]
     assert not worker_pids(ray_head.token), "no worker processes may be left behind"
+
+
+@pytest.mark.timeout(400)
+def test_ray_stalled_rank_fails_the_run_at_launcher_timeout(tmp_path, ray_head):
+    """Rank 1 stops answering after step 5; rank 0 waits in the next collective for
+    launcher.timeout_s (15 s here, not torch's 30 minutes), then the run fails saying so, and no
+    worker process is left behind (the stalled one included)."""
+    env = {**ray_head.driver_env, "KILN_FAULT_STALL": "1:5:300"}
+    proc = kiln_train([*RAY, "parallelism=zero2", "launcher.timeout_s=15", "trainer.checkpoint_interval=0",
+                       f"launcher.storage_path={tmp_path / 'ck'}"], tmp_path / "stall", timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training failed on the Ray workers" in proc.stderr
+    assert "launcher.timeout_s=15" in proc.stderr and "never joined" in proc.stderr, proc.stderr[-3000:]
+    assert max(logged_steps(tmp_path / "stall"), default=0) <= 6
+    assert not worker_pids(ray_head.token), "no Ray worker processes may be left behind"

@@ -52,6 +52,11 @@ class Checkpointing(Choice):
     full = "full"            # recompute every block: the least memory, about a third more compute
 
 
+class NonFinite(Choice):
+    stop = "stop"  # a non-finite loss or gradient stops the run (its last checkpoint kept)
+    skip = "skip"  # the optimizer skips that step; counted, up to trainer.max_skipped_steps
+
+
 class LauncherName(Choice):
     local = "local"
     ray = "ray"
@@ -343,11 +348,15 @@ class TrainerConfig:
     compile: Optional[bool] = None
     # Recompute activations in the backward pass instead of keeping them (see Checkpointing).
     activation_checkpointing: Checkpointing = Checkpointing.none
+    # A step whose loss or gradient is not finite: stop the run, or skip it (DeepSpeed's optimizer
+    # leaves parameters and state as they were) and stop once more than max_skipped_steps did.
+    on_nonfinite: NonFinite = NonFinite.stop
+    max_skipped_steps: int = 10
 
     def check(self) -> None:
         _positive("trainer", self, "max_steps", "micro_batch_size", "grad_accum_steps", "log_interval",
                   "eval_interval", "eval_batches")
-        for name in ("checkpoint_interval", "keep_checkpoints"):
+        for name in ("checkpoint_interval", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
                                   "checkpoint_interval 0 = only at the end/when stopped; keep_checkpoints 0 = keep all")
@@ -381,12 +390,16 @@ class LauncherConfig:
     # How Ray places the workers: PACK (fill a node first), SPREAD (one per node where it can),
     # STRICT_SPREAD (one per node, or wait), STRICT_PACK (all on one node).
     placement_strategy: Placement = Placement.PACK
+    # Seconds a collective may wait for the other ranks before the run fails naming it (torch's
+    # own default is 30 minutes of a hung job). It must outlast the slowest legitimate wait: a
+    # checkpoint save to slow storage, the first step's compilation.
+    timeout_s: int = 600
 
     def check(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("launcher.num_workers", f"must be at least 1, got {self.num_workers}",
                               "set launcher.num_workers to the number of training processes (e.g. GPUs) you want")
-        _positive("launcher", self, "cpus_per_worker")
+        _positive("launcher", self, "cpus_per_worker", "timeout_s")
         if self.name == LauncherName.local and self.num_workers != 1:
             raise ConfigError("launcher.num_workers", f"launcher=local runs one process, got {self.num_workers}",
                               "use launcher=ray for several workers, or set launcher.num_workers=1")
@@ -422,6 +435,12 @@ class TrainConfig:
         worker starts; checks against data and hardware come with the run plan)."""
         for section in (self.model, self.data, self.parallelism, self.optim, self.trainer, self.launcher):
             section.check()
+        if (self.trainer.on_nonfinite == NonFinite.skip and self.parallelism.zero_stage == 0
+                and self.precision.dtype == Dtype.fp32):
+            raise ConfigError("trainer.on_nonfinite", "skip needs one of DeepSpeed's ZeRO or mixed-precision "
+                              "optimizers, which leave a non-finite step unapplied; ZeRO-0 in fp32 steps the plain "
+                              "torch optimizer", "use parallelism=zero1 (or higher) or precision=bf16, or "
+                              "trainer.on_nonfinite=stop")
         if self.data.seq_len > self.model.block_size:
             raise ConfigError("data.seq_len", f"data.seq_len={self.data.seq_len} is longer than "
                               f"model.block_size={self.model.block_size}, the most positions the model has "

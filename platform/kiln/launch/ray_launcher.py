@@ -92,6 +92,16 @@ class RunChannel:
         return self.result
 
 
+def flight_recorder_env(output_dir) -> dict:
+    """PyTorch's NCCL flight recorder: each rank keeps its last collectives in a ring buffer and,
+    when one times out (launcher.timeout_s), dumps it to <output_dir>/nccl_trace/rank_<r>
+    (docs/checkpoints.md: reading it). Read by ProcessGroupNCCL when Ray Train creates it."""
+    prefix = f"{output_dir}/nccl_trace/rank_"
+    os.makedirs(f"{output_dir}/nccl_trace", exist_ok=True)
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
+
+
 def watch_stop_signal(channel) -> threading.Event:
     """A worker-side thread that mirrors the driver's stop flag into a local event."""
     import ray
@@ -200,17 +210,19 @@ class RayLauncher:
         channel = ray.remote(**RunChannel._ray_options)(RunChannel).options(name=channel_name).remote()
         # No print patching: Ray Train V2 would echo every worker print a second time via its logger.
         worker_env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-        for var in ("KILN_FAULT_SAVE_PAUSE", "WANDB_MODE", "KILN_CACHE_DIR"):
+        for var in ("KILN_FAULT_SAVE_PAUSE", "KILN_FAULT_STALL", "KILN_FAULT_NAN_STEP", "WANDB_MODE", "KILN_CACHE_DIR"):
             if os.environ.get(var):
                 worker_env[var] = os.environ[var]
         if lc.socket_ifname:
             # In the workers' environment from their start: Ray Train creates the gloo/NCCL process
             # group before kiln's worker function runs, so setting it there would be too late.
             worker_env.update(GLOO_SOCKET_IFNAME=lc.socket_ifname, NCCL_SOCKET_IFNAME=lc.socket_ifname)
+        if use_gpu:
+            worker_env.update(flight_recorder_env(plan.output_dir))
         trainer = TorchTrainer(
             _worker_fn,
             train_loop_config={"plan": plan, "channel": channel_name, "use_gpu": use_gpu},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=lc.timeout_s),
             scaling_config=ScalingConfig(
                 num_workers=lc.num_workers,
                 use_gpu=use_gpu,
@@ -236,7 +248,13 @@ class RayLauncher:
             if not self.keep_ray:
                 ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
                 self.started_here = False
-            raise TrainingError(f"training failed on the Ray workers:\n{worker_message(error)}\n"
+            message = worker_message(error)
+            if "timed out" in message.lower() or "timeout" in message.lower():
+                message += (f"\n  a collective waited launcher.timeout_s={lc.timeout_s} s for a rank that never "
+                            f"joined it: that rank stalled or died (its own line above says which; on GPUs the "
+                            f"NCCL flight recorder dumped each rank's last collectives to "
+                            f"{plan.output_dir}/nccl_trace)")
+            raise TrainingError(f"training failed on the Ray workers:\n{message}\n"
                                 f"  (full worker tracebacks are above, and in Ray's logs under {logs})"
                                 ) from error
         if summary is None:

@@ -23,6 +23,7 @@ from kiln.tracking.console import print_line
 from kiln.tracking.tracker import NullTracker, Tracker
 from kiln.training.checkpointer import Checkpointer
 from kiln.training.evaluator import Evaluator
+from kiln.training.faults import nan_loss_asked, stall_if_asked
 from kiln.training.memory import peak_memory
 from kiln.training.metrics import MetricsLogger
 from kiln.training.state import TrainState
@@ -50,12 +51,16 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
                                             public_config=plan.public_config) if ctx.is_main else NullTracker()
     announce(plan, ctx, n_params)
     meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step, n_params), Evaluator(plan, ctx)
-    watch, own_norm, stopped_at = GradWatch(ctx.device, str(cfg.precision.dtype)), needs_own_grad_norm(engine), None
+    watch = GradWatch(ctx.device, str(cfg.precision.dtype), skip=tr.on_nonfinite == "skip",
+                      max_skipped=tr.max_skipped_steps)
+    own_norm, stopped_at = needs_own_grad_norm(engine), None
     try:
         while state.step < tr.max_steps:
             lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves after it)
-            step_loss, norm = train_step(engine, batches, ctx.device, tr.grad_accum_steps, own_norm)
-            state.add(step_loss)
+            step_loss, norm = train_step(engine, batches, ctx.device, tr.grad_accum_steps, own_norm,
+                                         poison=nan_loss_asked(ctx.rank, state.step + 1))
+            state.add(watch.usable(step_loss))
+            stall_if_asked(ctx.rank, state.step)
             meter.step_done()
             watch.add(norm)
             # The ranks agree on a stop (SIGTERM, preemption) where they already sync: the steps
@@ -81,7 +86,8 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
                 break
     finally:
         batches.close()  # stop reader processes before interpreter exit
-    return tracker.finish(summary(plan, ctx, state, meter, batches, n_params, stopped_at, tokens_per_step))
+    return tracker.finish(summary(plan, ctx, state, meter, batches, n_params, stopped_at, tokens_per_step,
+                                   watch.skipped))
 
 
 def compile_enabled(setting: bool | None, device: torch.device) -> bool:
@@ -125,7 +131,7 @@ def announce(plan: RunPlan, ctx: Context, n_params: int) -> None:
 
 
 def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger, batches: ResumableLoader,
-            n_params: int, stopped_at: int | None, tokens_per_step: int) -> dict:
+            n_params: int, stopped_at: int | None, tokens_per_step: int, skipped: int = 0) -> dict:
     last = state.last
     steps = last.get("step", state.resumed_from)
     return {
@@ -141,6 +147,7 @@ def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger
         "parameters": n_params,
         **meter.flops_summary(),
         **peak_memory(ctx.device),
+        "skipped_steps": skipped,  # trainer.on_nonfinite=skip
         "world_size": ctx.world_size,
         "data": batches.stats(),
         "output_dir": str(ctx.output_dir),

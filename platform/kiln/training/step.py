@@ -35,15 +35,18 @@ def local_grad_norm(engine) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def train_step(engine, batches, device: torch.device, grad_accum: int, own_norm: bool = False
-               ) -> tuple[torch.Tensor, object]:
+def train_step(engine, batches, device: torch.device, grad_accum: int, own_norm: bool = False,
+               poison: bool = False) -> tuple[torch.Tensor, object]:
     """One optimizer step over `grad_accum` micro-batches. Returns their mean loss (local) and
-    the step's global gradient norm before clipping (a tensor or a float; None if unknown)."""
+    the step's global gradient norm before clipping (a tensor or a float; None if unknown).
+    poison: a fault tests inject (kiln.training.faults): the loss, and so every gradient, is NaN."""
     total = torch.zeros((), device=device)
     norm = None
     for i in range(grad_accum):
         x, y = next(batches)
         _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        if poison:
+            loss = loss * float("nan")
         engine.backward(loss)
         if own_norm and i == grad_accum - 1:
             norm = local_grad_norm(engine)
@@ -63,13 +66,28 @@ def as_float(value) -> float | None:
 class GradWatch:
     """Counts the steps since the last check whose gradient norm was not finite, on the device
     (no host sync per step). Under fp16 a non-finite norm is loss scaling at work (DeepSpeed
-    skips the step and lowers the scale), so it does not count there."""
+    skips the step and lowers the scale), so it does not count there.
 
-    def __init__(self, device: torch.device, dtype: str):
+    skip=True (trainer.on_nonfinite=skip): such steps are expected to have been skipped by
+    DeepSpeed's optimizer (every one but ZeRO-0 fp32's does); they are counted, left out of the
+    interval's mean loss, and the run goes on until more than `max_skipped` were."""
+
+    def __init__(self, device: torch.device, dtype: str, skip: bool = False, max_skipped: int = 0):
         self.device, self.counts = device, dtype != "fp16"
         self.on_device = torch.zeros((), device=device)
+        self.bad_losses = torch.zeros((), device=device)  # skip mode: non-finite losses this interval
         self.on_host = 0
         self.checked_at = 0  # the last step checked
+        self.skip, self.max_skipped, self.skipped = skip, max_skipped, 0
+
+    def usable(self, step_loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss as the interval sums it: in skip mode a non-finite one counts as 0
+        (and is left out of the mean), on the device."""
+        if not self.skip:
+            return step_loss
+        bad = ~torch.isfinite(step_loss)
+        self.bad_losses += bad.float()
+        return torch.where(bad, torch.zeros_like(step_loss), step_loss)
 
     def add(self, norm) -> None:
         if not self.counts or norm is None:
@@ -84,16 +102,42 @@ class GradWatch:
         """(the mean loss of the steps since the last check, whether any rank asked to stop), all
         ranks agreeing: one all-reduce, which also syncs the device, so the stop flag needs no
         collective of its own. Raises if the run diverged since the last check (check_finite)."""
-        t = torch.stack([interval_loss.detach().float() / max(interval_steps, 1),
+        counted = (interval_steps - self.bad_losses).clamp(min=1)  # bad_losses stays 0 outside skip mode
+        t = torch.stack([interval_loss.detach().float() / counted.float(),
                          (self.on_device + self.on_host).float(),
-                         torch.tensor(float(stop), device=self.device)])
+                         torch.tensor(float(stop), device=self.device),
+                         self.bad_losses.float()])
         _all_reduce(t)
         t[0] /= world()
-        loss, bad, stops = t.tolist()
-        check_finite(loss, as_float(norm), int(bad), step, self.checked_at, lr)
+        loss, bad, stops, bad_losses = t.tolist()
+        if self.skip:
+            # The norm is global (each rank counted the same steps); a loss is one rank's own.
+            steps = max(round(bad / world()), -(-int(bad_losses) // world()))
+            loss = self.count_skipped(loss, steps, interval_steps, step)
+        else:
+            check_finite(loss, as_float(norm), int(bad), step, self.checked_at, lr)
         self.on_device.zero_()
+        self.bad_losses.zero_()
         self.on_host, self.checked_at = 0, step
         return loss, stops > 0
+
+    def count_skipped(self, loss: float, bad: int, interval_steps: int, step: int) -> float:
+        """Skip mode: add this interval's non-finite steps (summed over ranks: any rank's counts)
+        to the run's count; past trainer.max_skipped_steps the run stops, its last checkpoint kept."""
+        if not bad:
+            return loss
+        self.skipped += min(bad, interval_steps)
+        if self.skipped > self.max_skipped:
+            raise TrainingError(
+                f"{self.skipped} optimizer steps had a non-finite loss or gradient (the last by step {step}), more "
+                f"than trainer.max_skipped_steps={self.max_skipped}; no checkpoint was written after it. Lower "
+                f"optim.lr or optim.grad_clip, check the data around these steps, then resume from the last checkpoint")
+        from kiln.tracking.console import print_line
+
+        print_line(f"warning: skipped {min(bad, interval_steps)} optimizer step(s) with a non-finite loss or "
+                   f"gradient in steps {self.checked_at + 1}-{step} ({self.skipped} of trainer.max_skipped_steps="
+                   f"{self.max_skipped} so far); parameters and optimizer state are as before them")
+        return loss if bad < interval_steps else float("nan")
 
 
 def check_finite(loss: float, grad: float | None, bad_steps: int, step: int, since: int, lr: float) -> None:
