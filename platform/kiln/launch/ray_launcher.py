@@ -20,6 +20,7 @@ from kiln.config.schema import LauncherConfig
 from kiln.config.validate import use_gpus
 from kiln.context import Context
 from kiln.errors import ConfigError, TrainingError
+from kiln.launch.channel import RunChannel
 from kiln.launch.env import set_worker_env
 from kiln.launch.ranks import ray_node, record_ranks
 from kiln.launch.stop import StopRequest
@@ -30,16 +31,6 @@ from kiln.training.fit import fit
 # Ray Train's V2 implementation (TrainController actor); must be set before ray.train is imported.
 # (Ray itself is imported inside the functions that use it: a local run never loads it.)
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
-
-def ray_remote_class(**options):
-    """@ray.remote, applied lazily so that importing this module does not import Ray."""
-
-    def wrap(cls):
-        cls._ray_options = options
-        return cls
-
-    return wrap
 
 
 class RayStore:
@@ -69,27 +60,6 @@ class RayStore:
             fault_injection_pause(Path(tmp), step)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=step_dir_name(step))
-
-
-@ray_remote_class(num_cpus=0)
-class RunChannel:
-    """The driver's line to its workers: the stop flag (set on SIGTERM, polled by every worker)
-    and the summary rank 0 hands back at the end (so the driver needs no shared filesystem)."""
-
-    def __init__(self):
-        self.stop, self.result = False, None
-
-    def request_stop(self) -> None:
-        self.stop = True
-
-    def stop_requested(self) -> bool:
-        return self.stop
-
-    def put_summary(self, summary: dict) -> None:
-        self.result = summary
-
-    def summary(self) -> dict | None:
-        return self.result
 
 
 def flight_recorder_env(output_dir) -> dict:
