@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kiln.model.config import LlamaConfig
-from kiln.model.hf_llama import (expected_shapes, from_hf_state_dict, hf_config_problems, llama_hf_config,
+from kiln.model.hf_llama import (expected_shapes, from_hf_state_dict, hf_config_problems, hf_config,
                                  shape_from_hf_config, tensor_problems, to_hf_state_dict)
 from kiln.model.llama import Llama
 
@@ -26,7 +26,7 @@ def tiny(**kw) -> Llama:
 def hf_model(shape: dict):
     import transformers
 
-    hf_cfg = transformers.LlamaConfig(**llama_hf_config(shape, 0.0, eos_id=0))
+    hf_cfg = transformers.LlamaConfig(**hf_config(shape, 0.0, eos_id=0))
     hf_cfg._attn_implementation = "eager"  # the reference: plain matmuls and softmax
     return transformers.LlamaForCausalLM(hf_cfg).eval()
 
@@ -181,7 +181,7 @@ def test_config_round_trip(tie):
     import transformers
 
     shape = cfg(tie_embeddings=tie).shape()
-    hf_cfg = llama_hf_config(shape, 0.0, eos_id=0)
+    hf_cfg = hf_config(shape, 0.0, eos_id=0)
     assert hf_config_problems(hf_cfg) == []
     assert shape_from_hf_config(hf_cfg) == shape
     # ... also after transformers rewrote it (transformers 5 keeps only rope_parameters).
@@ -191,7 +191,7 @@ def test_config_round_trip(tie):
 
 
 def test_hf_config_problems_flags_what_kiln_cannot_reproduce():
-    ok = llama_hf_config(cfg().shape(), 0.0, eos_id=0)
+    ok = hf_config(cfg().shape(), 0.0, eos_id=0)
     cases = {
         "hidden_act": {"hidden_act": "gelu"},
         "attention_bias": {"attention_bias": True},
@@ -214,7 +214,7 @@ def test_save_pretrained_directory_loads_in_transformers(tmp_path, tie):
     m = tiny(tie_embeddings=tie).eval()
     shape = m.config.shape()
     # What an export writes: kiln's config.json and weights, no transformers in the writing.
-    (tmp_path / "config.json").write_text(json.dumps(llama_hf_config(shape, 0.0, eos_id=0)))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(shape, 0.0, eos_id=0)))
     save_file(to_hf_state_dict(m.state_dict()), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     assert hf.config.rope_parameters["rope_theta"] == 500000.0

@@ -35,7 +35,6 @@ from kiln.checkpoint.meta import CONFIG_FILE, EXPORT_FILE, HF_ADAPTERS, WEIGHTS_
 from kiln.checkpoint.tokenizer_files import checkpoint_tokenizer, write_tokenizer
 from kiln.checkpoint.weights import consolidated_state_dict
 from kiln.errors import DataError
-from kiln.model import hf_gpt2, hf_llama
 from kiln.model.config import arch_of, tied_embedding
 
 EXPORT_FORMAT = 1
@@ -56,10 +55,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
     shape = meta["model_shape"]
-    arch = arch_of(shape)
-    adapter = HF_ADAPTERS[arch]
-    if arch == "gpt2":
-        hf_gpt2.check_exportable(shape)
+    adapter = HF_ADAPTERS[arch_of(shape)]
+    adapter.check_exportable(shape)
     out = Path(out_dir).expanduser().resolve()
     if out == ckpt or out in ckpt.parents or ckpt in out.parents:
         raise DataError(f"OUT_DIR {out} overlaps the checkpoint {ckpt}; write the export somewhere else")
@@ -86,8 +83,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     try:
         save_file(hf, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         dropout = float(meta["config"]["model"].get("dropout", 0.0))
-        hf_config = (hf_gpt2.gpt2_config if arch == "gpt2" else hf_llama.llama_hf_config)(shape, dropout, tokenizer.eos_id)
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(adapter.hf_config(shape, dropout, tokenizer.eos_id), indent=2) + "\n")
         tok_entry = write_tokenizer(tokenizer, tmp, shape["block_size"])
         info = {
             "format": EXPORT_FORMAT,

@@ -22,6 +22,7 @@ from kiln.checkpoint.safe_load import weights_only_loads
 from kiln.errors import ConfigError
 from kiln.model.config import arch_of, tied_embedding
 
+
 def consolidated_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The model's fp32 weights gathered from a checkpoint's DeepSpeed shards (any ZeRO stage),
     on the CPU, without a process group: what one process needs to export or start from."""

@@ -9,7 +9,7 @@ transformer.h.0.attn.c_attn.weight, ...), with two differences in the state dict
   once, as transformer.wte.weight.
 
 Here: both directions of that mapping (`to_hf_state_dict`, `from_hf_state_dict`), GPT-2's
-config.json for a kiln model shape (`gpt2_config`) and the shape back from one
+config.json for a kiln model shape (`hf_config`) and the shape back from one
 (`hf_config_problems`, `shape_from_hf_config`), and the tensors a kiln GPT of a shape has
 (`expected_shapes`, `tensor_problems`). Files and user-facing errors about them belong to the
 callers (kiln.checkpoint.weights reads exports, kiln.checkpoint.export writes them).
@@ -34,7 +34,7 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
 
 
-def gpt2_config(shape: dict, dropout: float, eos_id: int) -> dict:
+def hf_config(shape: dict, dropout: float, eos_id: int) -> dict:
     """The config.json of a GPT2LMHeadModel equal to a kiln GPT of `shape`."""
     return {
         "architectures": ["GPT2LMHeadModel"],

@@ -10,7 +10,7 @@ kiln's Llama (kiln.model.llama) uses Hugging Face's parameter names and its rota
   buffers, not weights, dropped on the way in.
 
 Here: both directions of that mapping (`to_hf_state_dict`, `from_hf_state_dict`), Llama's
-config.json for a kiln model shape (`llama_hf_config`) and the shape back from one
+config.json for a kiln model shape (`hf_config`) and the shape back from one
 (`hf_config_problems`, `shape_from_hf_config`), and the tensors a kiln Llama of a shape has
 (`expected_shapes`, `tensor_problems`). Files and user-facing errors about them belong to the
 callers (kiln.checkpoint.weights reads exports, kiln.checkpoint.export writes them).
@@ -34,7 +34,7 @@ HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11
                "rope_theta": 10000.0, "tie_word_embeddings": False}
 
 
-def llama_hf_config(shape: dict, dropout: float, eos_id: int) -> dict:
+def hf_config(shape: dict, dropout: float, eos_id: int) -> dict:
     """The config.json of a LlamaForCausalLM equal to a kiln Llama of `shape`."""
     theta = float(shape["rope_theta"])
     return {

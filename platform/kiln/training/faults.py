@@ -1,26 +1,36 @@
-"""Faults tests inject into a real run (never set in normal use)."""
+"""Faults tests inject into a real run (never set in normal use). Read from the environment once,
+when the loop starts, not on every step."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 
-def stall_if_asked(rank: int, step: int) -> None:
-    """KILN_FAULT_STALL="<rank>:<step>:<seconds>": that rank stops answering after that step, as a
-    hung reader or a stuck device would, while the others wait in the next collective."""
-    spec = os.environ.get("KILN_FAULT_STALL", "")
-    if spec:
-        r, s, seconds = spec.split(":")
-        if int(r) == rank and int(s) == step:
-            time.sleep(float(seconds))
+@dataclass(frozen=True)
+class Faults:
+    stall: tuple[int, int, float] | None = None  # (rank, step, seconds)
+    nan: tuple[int, int | None] | None = None  # (step, rank or None: every rank)
 
+    @classmethod
+    def from_env(cls) -> "Faults":
+        """KILN_FAULT_STALL="<rank>:<step>:<seconds>": that rank stops answering after that step, as a
+        hung reader or a stuck device would, while the others wait in the next collective.
+        KILN_FAULT_NAN_STEP="<step>[:<rank>]": that step's loss is NaN on that rank (every rank when
+        none is named), as a numerically bad batch makes it."""
+        stall = nan = None
+        if os.environ.get("KILN_FAULT_STALL"):
+            r, s, seconds = os.environ["KILN_FAULT_STALL"].split(":")
+            stall = (int(r), int(s), float(seconds))
+        if os.environ.get("KILN_FAULT_NAN_STEP"):
+            at, _, on = os.environ["KILN_FAULT_NAN_STEP"].partition(":")
+            nan = (int(at), int(on) if on else None)
+        return cls(stall, nan)
 
-def nan_loss_asked(rank: int, step: int) -> bool:
-    """KILN_FAULT_NAN_STEP="<step>[:<rank>]": that step's loss is NaN on that rank (every rank
-    when none is named), as a numerically bad batch makes it."""
-    spec = os.environ.get("KILN_FAULT_NAN_STEP", "")
-    if not spec:
-        return False
-    at, _, on = spec.partition(":")
-    return int(at) == step and (not on or int(on) == rank)
+    def stall_if_asked(self, rank: int, step: int) -> None:
+        if self.stall is not None and self.stall[:2] == (rank, step):
+            time.sleep(self.stall[2])
+
+    def nan_loss_asked(self, rank: int, step: int) -> bool:
+        return self.nan is not None and self.nan[0] == step and self.nan[1] in (None, rank)

@@ -23,7 +23,7 @@ from kiln.tracking.console import print_line
 from kiln.tracking.tracker import NullTracker, Tracker
 from kiln.training.checkpointer import Checkpointer
 from kiln.training.evaluator import Evaluator
-from kiln.training.faults import nan_loss_asked, stall_if_asked
+from kiln.training.faults import Faults
 from kiln.training.memory import peak_memory
 from kiln.training.metrics import MetricsLogger
 from kiln.training.state import TrainState
@@ -53,14 +53,14 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
     meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step, n_params), Evaluator(plan, ctx)
     watch = GradWatch(ctx.device, str(cfg.precision.dtype), skip=tr.on_nonfinite == "skip",
                       max_skipped=tr.max_skipped_steps)
-    own_norm, stopped_at = needs_own_grad_norm(engine), None
+    own_norm, stopped_at, faults = needs_own_grad_norm(engine), None, Faults.from_env()
     try:
         while state.step < tr.max_steps:
             lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves after it)
             step_loss, norm = train_step(engine, batches, ctx.device, tr.grad_accum_steps, own_norm,
-                                         poison=nan_loss_asked(ctx.rank, state.step + 1))
+                                         poison=faults.nan_loss_asked(ctx.rank, state.step + 1))
             state.add(watch.usable(step_loss))
-            stall_if_asked(ctx.rank, state.step)
+            faults.stall_if_asked(ctx.rank, state.step)
             meter.step_done()
             watch.add(norm)
             # The ranks agree on a stop (SIGTERM, preemption) where they already sync: the steps

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.errors import TrainingError
+from kiln.tracking.console import print_line
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -122,8 +123,8 @@ class GradWatch:
         return loss, stops > 0
 
     def count_skipped(self, loss: float, bad: int, interval_steps: int, step: int) -> float:
-        """Skip mode: add this interval's non-finite steps (summed over ranks: any rank's counts)
-        to the run's count; past trainer.max_skipped_steps the run stops, its last checkpoint kept."""
+        """Skip mode: add this interval's `bad` non-finite steps (already agreed across ranks) to
+        the run's count; past trainer.max_skipped_steps the run stops, its last checkpoint kept."""
         if not bad:
             return loss
         self.skipped += min(bad, interval_steps)
@@ -132,8 +133,6 @@ class GradWatch:
                 f"{self.skipped} optimizer steps had a non-finite loss or gradient (the last by step {step}), more "
                 f"than trainer.max_skipped_steps={self.max_skipped}; no checkpoint was written after it. Lower "
                 f"optim.lr or optim.grad_clip, check the data around these steps, then resume from the last checkpoint")
-        from kiln.tracking.console import print_line
-
         print_line(f"warning: skipped {min(bad, interval_steps)} optimizer step(s) with a non-finite loss or "
                    f"gradient in steps {self.checked_at + 1}-{step} ({self.skipped} of trainer.max_skipped_steps="
                    f"{self.max_skipped} so far); parameters and optimizer state are as before them")
