@@ -17,5 +17,9 @@ class DataError(KilnError):
     """Missing, empty or unreadable shards; the message names the path or shard URL."""
 
 
+class CheckpointError(KilnError):
+    """A checkpoint that cannot be written (disk full) or read; names the path and what is kept."""
+
+
 class TrainingError(KilnError):
     """A worker failed; carries the worker's own message."""

@@ -30,6 +30,7 @@ from hydra.types import RunMode
 
 from kiln.config.schema import LauncherName, load_config
 from kiln.errors import KilnError
+from kiln.estimate import check_plan
 from kiln.identity import SweepTrial
 from kiln.launch.launcher import LocalLauncher, RayLauncher, run
 from kiln.plan import plan_run
@@ -103,6 +104,8 @@ class Sweep:
         print_line(f"trial {trial.num}: {label}")
         try:
             plan = plan_run(load_config(cfg), output_dir, trial=trial)
+            if not plan.finished:
+                check_plan(plan, print_line)  # a trial that cannot fit in device memory fails before launch
             launcher = LocalLauncher() if plan.config.launcher.name == LauncherName.local else self.ray
             summary = run(plan, launcher)
         except Exception as e:

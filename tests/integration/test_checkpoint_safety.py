@@ -66,3 +66,46 @@ def test_a_truncated_shard_is_named_and_the_run_does_not_start_over(trained, tmp
         train_in_process([*ARGS, "trainer.max_steps=4", f"data.path={trained['data']}"], tmp_path / "run")
     assert str(shard) in str(e.value) and "earlier checkpoint" in str(e.value)
     assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]  # no fresh run saved beside it
+
+
+def mount_namespace_tool() -> list[str] | None:
+    """A command prefix that runs a shell in a private mount namespace (so the test can mount a
+    small tmpfs without touching the machine's mounts), or None where that is not allowed."""
+    import subprocess
+
+    for prefix in (["unshare", "--mount"], ["unshare", "--mount", "--map-root-user"]):
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_a_disk_that_fills_during_a_save_fails_it_clearly_and_keeps_the_previous(tmp_path, small_dataset):
+    """A 3 MiB tmpfs holds one checkpoint of the tiny model (1.8 MiB), not two: the step-4 save
+    fails with kiln's error (exit 2), its partial files go, and the step-2 checkpoint stays whole."""
+    import subprocess
+
+    from conftest import REPO, assert_ok, kiln_train
+
+    prefix = mount_namespace_tool()
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs here (needs root or unprivileged user namespaces)")
+    disk, copy = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    args = ["kiln-train", *ARGS, "trainer.max_steps=4", "trainer.checkpoint_interval=2", f"data.path={small_dataset}",
+            f"launcher.storage_path={disk}", f"hydra.run.dir={tmp_path / 'run'}"]
+    # the tmpfs exists only inside the namespace: copy what the failed run left out of it
+    script = f'mount -t tmpfs -o size=3m tmpfs {disk} && "$@"; rc=$?; cp -a {disk} {copy}; exit $rc'
+    proc = subprocess.run([*prefix, "sh", "-c", script, "sh", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr
+    assert "saving the step-4 checkpoint" in err and "no space left" in err and "Traceback" not in err, err
+    assert f"the previous checkpoint {disk}/safe/step_000000002 is kept" in err, err
+    assert sorted(p.name for p in (copy / "safe").iterdir()) == ["step_000000002"]  # no partial step 4 left
+    # the kept checkpoint is whole: the run resumes from it and finishes
+    again = kiln_train([*ARGS, "trainer.max_steps=4", "trainer.checkpoint_interval=2", f"data.path={small_dataset}",
+                        f"launcher.storage_path={copy}"], tmp_path / "again")
+    assert_ok(again)
+    assert "at step 2" in again.stdout and "done: 4 steps" in again.stdout

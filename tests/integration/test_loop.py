@@ -138,6 +138,8 @@ def test_no_validation_split_is_labelled_train(tmp_path, capsys):
 @pytest.fixture
 def one_second_per_step(monkeypatch):
     """The metrics logger's clock advances exactly one second per optimizer step."""
+    import time
+
     import kiln.training.fit as loop
     import kiln.training.metrics as metrics
 
@@ -149,7 +151,8 @@ def one_second_per_step(monkeypatch):
         return real_step(*a, **kw)
 
     monkeypatch.setattr(loop, "train_step", timed_step)
-    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"],
+                                                                 time=time.time))  # (wall clock stays real)
 
 
 def test_tokens_per_s_after_resume_counts_only_this_process(tmp_path, small_dataset, one_second_per_step):
@@ -257,3 +260,47 @@ def test_on_nonfinite_skip_stops_past_max_skipped_steps(tmp_path, small_dataset,
         run_in_process([f"data.path={small_dataset}", "parallelism=zero2", "trainer.max_steps=4",
                         "trainer.log_interval=1", "trainer.on_nonfinite=skip", "trainer.max_skipped_steps=0"],
                        tmp_path, "run")
+
+
+@pytest.mark.timeout(300)
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_data(tmp_path, small_dataset, monkeypatch):
+    """Step 25's loss is multiplied by 50 (a fault injected into the real loop). The guard sees
+    the interval 25-26 far above the recent ones, reloads the step-20 checkpoint and skips the
+    data of steps 21-26. In fp32 a step replayed on the same data would log the same loss
+    bitwise; the replayed steps log other losses, so their data really was skipped."""
+    import json
+
+    monkeypatch.setenv("KILN_FAULT_SPIKE_STEP", "25:50")
+    args = [f"data.path={small_dataset}", "parallelism=zero0", "precision=fp32", "trainer.max_steps=30",
+            "trainer.log_interval=2", "trainer.eval_interval=30", "trainer.checkpoint_interval=10",
+            "trainer.spike_threshold=6", "trainer.spike_window=20"]
+    summary = run_in_process(args, tmp_path, "run")
+    assert summary["steps"] == 30 and summary["rollbacks"] == 1
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged]
+    assert steps == list(range(2, 25, 2)) + list(range(22, 31, 2)), steps  # 26 never logged: rolled back
+    first, replayed = {r["step"]: r["loss"] for r in logged[:12]}, {r["step"]: r["loss"] for r in logged[12:]}
+    assert all(replayed[s] != first[s] for s in (22, 24)), (first, replayed)
+    assert max(replayed.values()) < 2 * max(first[s] for s in range(12, 25, 2))  # back to normal
+    (event,) = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "loss_spike" and event["step"] == 26 and event["rolled_back_to"] == 20
+    assert event["skipped_micro_batches"] == 6 and event["loss"] > event["limit"] > event["recent_mean"]
+
+
+def test_spike_guard_arms_then_flags_only_a_loss_far_above_its_recent_ones():
+    from kiln.errors import TrainingError
+    from kiln.training.spikes import SpikeGuard
+
+    guard = SpikeGuard(threshold=6, window=10, max_rollbacks=1)
+    assert guard.is_spike(50.0) is None  # not armed yet: the start of a run is no spike
+    noisy_fall = [5.0 - 0.1 * i + (0.05 if i % 2 else -0.05) for i in range(12)]
+    assert all(guard.is_spike(x) is None for x in noisy_fall)
+    spike = guard.is_spike(9.0)
+    assert spike is not None and spike["loss"] == 9.0 and spike["limit"] < 9.0
+    assert len(guard.history) == 10 and 9.0 not in guard.history  # a spike does not join the history
+    assert guard.is_spike(float("nan")) is None  # trainer.on_nonfinite handles those
+    guard.check_allowed(30)
+    guard.rollbacks += 1
+    with pytest.raises(TrainingError, match="spike_max_rollbacks=1"):
+        guard.check_allowed(40)
+    assert SpikeGuard(None, 10, 1).is_spike(1e9) is None  # off

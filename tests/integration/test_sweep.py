@@ -114,7 +114,9 @@ def test_sweep_records_failure_and_reruns_skip_finished_resume_interrupted(tmp_p
 def test_optuna_search_minimises_eval_loss(tmp_path):
     cmd = ["kiln-train", "--multirun", "experiment=optuna_search", "hydra.sweeper.n_trials=3", "launcher=local",
            "trainer.max_steps=6", "trainer.eval_interval=6", "trainer.eval_batches=2", "logger=none",
-           "data.num_workers=0", f"launcher.storage_path={tmp_path / 'ck'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+           "data.num_workers=0", f"launcher.storage_path={tmp_path / 'ck'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           # persistent storage, as the preset's comment suggests (optuna 2 needs SQLAlchemy 1.4)
+           f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500)
     (tmp_path / "optuna.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,6 +129,10 @@ def test_optuna_search_minimises_eval_loss(tmp_path):
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(r["final_eval_loss"] for r in rows))
     assert (tmp_path / "ck" / "optuna-search").is_dir()
+    import optuna
+
+    study = optuna.load_study(study_name="optuna-search", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.value for t in study.trials) == sorted(r["final_eval_loss"] for r in rows)
 
 
 def test_failed_trial_objective_is_worst_not_nan():

@@ -25,7 +25,17 @@ EXPORT_FILE = "kiln_export.json"
 
 
 def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "kiln" / "meta.json").read_text())
+    """A checkpoint's kiln/meta.json; a damaged one is named (DataError), never half-read."""
+    path = Path(ckpt) / "kiln" / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is damaged: not JSON ({e}); use another checkpoint of the run (an earlier "
+                        f"step_*) or copy this one again") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("model_shape"), dict)):
+        raise DataError(f"{path} is damaged: not the meta.json of a kiln checkpoint (no step and model_shape); "
+                        f"use another checkpoint of the run (an earlier step_*) or copy this one again")
+    return meta
 
 
 def shape_diff(found: dict, shape: dict) -> list[str]:

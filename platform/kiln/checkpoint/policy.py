@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.checkpoint.meta import read_meta
-from kiln.checkpoint.store import complete_checkpoints
+from kiln.checkpoint.store import complete_checkpoints, recover
 from kiln.config.schema import ResumeMode, TrainerConfig
 from kiln.errors import ConfigError
 
@@ -48,6 +48,7 @@ def decide_resume(trainer: TrainerConfig, run_name: str, named: bool, storage: s
                               "use trainer.resume=auto with remote storage")
         return ResumeSource(branch, read_meta(branch)["step"] if branch else 0, own=False)
     run_dir = Path(storage) / run_name
+    recover(run_dir)  # a save killed while replacing a step leaves it aside: see it as the run's
     existing = complete_checkpoints(run_dir)
     if existing and mode == ResumeMode.never:
         raise ConfigError("trainer.resume", f"run {run_name!r} already has checkpoints in {run_dir} (latest: "

@@ -121,10 +121,18 @@ def export_tokenizer(path: str | os.PathLike):
     """The tokenizer of an export directory: kiln's own entry when kiln wrote it (exact for every
     type), else a plain tokenizer.json."""
     p = Path(path).expanduser()
-    if (p / KILN_TOKENIZER_FILE).is_file():
-        entry = json.loads((p / KILN_TOKENIZER_FILE).read_text())
-        return tokenizer_from_manifest(entry, p)
-    if (p / HF_TOKENIZER_FILE).is_file():
-        return load_tokenizer_file(p / HF_TOKENIZER_FILE)
+    for name in (KILN_TOKENIZER_FILE, HF_TOKENIZER_FILE):
+        if not (p / name).is_file():
+            continue
+        try:
+            if name == KILN_TOKENIZER_FILE:
+                return tokenizer_from_manifest(json.loads((p / name).read_text()), p)
+            return load_tokenizer_file(p / name)
+        except KilnError:
+            raise
+        except Exception as e:  # whatever the file holds (it may come from elsewhere): name it
+            raise DataError(f"{p / name} is damaged: it cannot be read as a tokenizer ({type(e).__name__}: "
+                            f"{str(e)[:200]}); copy the checkpoint or export again, or pass --tokenizer "
+                            f"byte|PATH/tokenizer.json") from None
     raise DataError(f"{p} holds no tokenizer ({KILN_TOKENIZER_FILE} or {HF_TOKENIZER_FILE}); "
                     f"pass --tokenizer byte|PATH/tokenizer.json")

@@ -28,8 +28,9 @@ def secret_values(environ=None) -> list[tuple[str, str]]:
     return sorted(found, key=lambda p: -len(p[0]))
 
 
-def redact_text(text: str, secrets: list[tuple[str, str]]) -> str:
-    for value, name in secrets:
+def redact_text(text: str, secrets: list[tuple[str, str]] | None = None) -> str:
+    """`text` with credentials replaced (error messages, saved files); secrets: secret_values()'s."""
+    for value, name in secret_values() if secrets is None else secrets:
         text = text.replace(value, f"<redacted ${name}>")
     text = URL_PASSWORD.sub(lambda m: m.group("head") + "<redacted>@", text)
     return QUERY_SECRET.sub(lambda m: m.group("key") + "<redacted>", text)

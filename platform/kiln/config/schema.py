@@ -210,6 +210,10 @@ class DataConfig:
     on_error: OnError = OnError["raise"]
     # false: when resuming a run, start the data stream over instead of continuing it exactly.
     resume_stream: bool = True
+    # A shard streamed through a process (http(s), pipe:, gs:// ...) that sends no byte for this
+    # long fails, naming it; a DataLoader worker that sends no batch for twice this plus a minute
+    # fails, naming its shards (a hung mount). null: wait for ever.
+    read_timeout_s: Optional[float] = 300.0
     # Tokens per training sequence; defaults to the model's context length.
     seq_len: int = "${model.block_size}"  # type: ignore[assignment]
     # DataLoader worker processes per rank (0 = read in the training process).
@@ -239,6 +243,9 @@ class DataConfig:
 
     def check(self) -> None:
         _positive("data", self, "seq_len", "open_shards", "open_documents")
+        if self.read_timeout_s is not None and not self.read_timeout_s > 0:
+            raise ConfigError("data.read_timeout_s", f"must be > 0 seconds, got {self.read_timeout_s}",
+                              "set a positive number of seconds, or null to wait for ever")
         if self.shuffle_buffer < 0:
             raise ConfigError("data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}",
                               "use 0 (no window shuffle) or a number of blocks (default 4096)")
@@ -352,10 +359,26 @@ class TrainerConfig:
     # leaves parameters and state as they were) and stop once more than max_skipped_steps did.
     on_nonfinite: NonFinite = NonFinite.stop
     max_skipped_steps: int = 10
+    # Loss-spike guard (kiln/training/spikes.py; null: off): a log interval's mean loss more than
+    # spike_threshold standard deviations above the mean of the last spike_window intervals rolls
+    # the run back to its last checkpoint and skips the data from there to the spike (events.jsonl
+    # says so); more than spike_max_rollbacks spikes stop the run.
+    spike_threshold: Optional[float] = None
+    spike_window: int = 20
+    spike_max_rollbacks: int = 3
+    # Plan the run, print the plan and its memory estimate (kiln/estimate.py), start nothing.
+    dry_run: bool = False
+    # GiB one device may use, checked against the memory estimate before launch; null: a GPU's
+    # own size (no check on a CPU run).
+    device_memory_gib: Optional[float] = None
 
     def check(self) -> None:
         _positive("trainer", self, "max_steps", "micro_batch_size", "grad_accum_steps", "log_interval",
                   "eval_interval", "eval_batches")
+        if self.device_memory_gib is not None and not self.device_memory_gib > 0:
+            raise ConfigError("trainer.device_memory_gib", f"must be > 0 or null, got {self.device_memory_gib}",
+                              "give one device's usable memory in GiB (e.g. 80), or null to detect a GPU's")
+        self.check_spike_guard()
         for name in ("checkpoint_interval", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
@@ -369,6 +392,23 @@ class TrainerConfig:
         if self.resume_from is not None and self.resume != ResumeMode.auto:
             raise ConfigError("trainer.resume_from", f"trainer.resume_from is set with trainer.resume={self.resume}",
                               "leave trainer.resume=auto: resume_from already says where to start")
+
+    def check_spike_guard(self) -> None:
+        if self.spike_threshold is None:
+            return
+        if not self.spike_threshold > 0:
+            raise ConfigError("trainer.spike_threshold", f"must be > 0 standard deviations or null, got "
+                              f"{self.spike_threshold}", "e.g. 6 (a loss far above its recent mean), or null for off")
+        if self.spike_window < 2:
+            raise ConfigError("trainer.spike_window", f"must be at least 2 log intervals, got {self.spike_window}",
+                              "e.g. 20: the recent intervals a loss is compared with")
+        if self.spike_max_rollbacks < 0:
+            raise ConfigError("trainer.spike_max_rollbacks", f"must be >= 0, got {self.spike_max_rollbacks}",
+                              "the number of spikes to roll back before the run stops, e.g. 3")
+        if self.checkpoint_interval == 0:
+            raise ConfigError("trainer.spike_threshold", "the loss-spike guard rolls back to the last checkpoint, and "
+                              "trainer.checkpoint_interval=0 saves none during the run",
+                              "set trainer.checkpoint_interval (e.g. 200), or trainer.spike_threshold=null")
 
 
 @dataclass
@@ -411,12 +451,23 @@ class LauncherConfig:
 @dataclass
 class LoggerConfig:
     name: LoggerName = MISSING
-    # auto = online when W&B credentials exist, else offline.
+    # auto: WANDB_MODE (or WANDB_DISABLED) where set, else online with W&B credentials, offline without.
     mode: LoggerMode = LoggerMode.auto
-    project: str = "kiln"
+    # Unset (null/empty) fields leave the choice to W&B's own variables (WANDB_PROJECT, WANDB_ENTITY,
+    # WANDB_RUN_GROUP, WANDB_TAGS, WANDB_NOTES); project falls back to "kiln" (tracking/wandb_run.py).
+    project: Optional[str] = None
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    notes: Optional[str] = None
+    # How long rank 0 waits for W&B to start online before it logs offline instead (W&B's own default
+    # is 90 s; a working connection starts in a few seconds).
+    init_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        if not self.init_timeout_s > 0:
+            raise ConfigError("logger.init_timeout_s", f"{self.init_timeout_s} is not a positive number of seconds",
+                              "set it to how long W&B may take to start online, e.g. logger.init_timeout_s=30")
 
 
 @dataclass
@@ -433,7 +484,7 @@ class TrainConfig:
     def check(self) -> None:
         """Every check that needs nothing but the config itself (the driver runs it before any
         worker starts; checks against data and hardware come with the run plan)."""
-        for section in (self.model, self.data, self.parallelism, self.optim, self.trainer, self.launcher):
+        for section in (self.model, self.data, self.parallelism, self.optim, self.trainer, self.launcher, self.logger):
             section.check()
         if (self.trainer.on_nonfinite == NonFinite.skip and self.parallelism.zero_stage == 0
                 and self.precision.dtype == Dtype.fp32):

@@ -93,13 +93,18 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DataError(f"data.path={root} has no shards (no {MANIFEST}); {how}")
     try:
         raw = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{mpath} is not valid JSON ({e}); rebuild it: {how}") from e
-    if raw.get("format") != FORMAT:
-        raise DataError(f"{mpath} has format {raw.get('format')!r}, expected {FORMAT!r}; {how}")
-    splits = {
-        split: [ShardInfo(**s) for s in shards] for split, shards in raw.get("splits", {}).items()
-    }
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{mpath} is not valid JSON ({e}); rebuild it: {how}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise DataError(f"{mpath} has format {found!r}, expected {FORMAT!r}; {how}")
+    try:
+        splits = {
+            split: [ShardInfo(**s) for s in shards] for split, shards in raw.get("splits", {}).items()
+        }
+        raw["tokenizer"], raw["token_dtype"]  # noqa: B018 (required: checked here, used below)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"{mpath} is not a kiln-data manifest ({type(e).__name__}: {e}); {how}") from None
     if not splits.get("train"):
         raise DataError(f"data.path={root} has no training shards (manifest lists none); {how}")
     missing = [s.file for shards in splits.values() for s in shards if not (root / s.file).is_file()]

@@ -45,7 +45,7 @@ def plan_data(cfg, check_open: bool = False) -> DataPlan:
         sources=tuple(s.to_stream(data.shuffle_documents) for s in sources), seq_len=data.seq_len,
         batch_size=tr.micro_batch_size, eos_id=tokenizer.eos_id, seed=tr.seed,
         shuffle_window=data.shuffle_buffer, on_error=str(data.on_error), fingerprint=fingerprint(sources),
-        open_shards=data.open_shards, open_documents=data.open_documents,
+        open_shards=data.open_shards, open_documents=data.open_documents, read_timeout_s=data.read_timeout_s,
     )
     if data.val_path:
         val_urls, val_dtype = explicit_val_shards(data.val_path, sources[0], check_open)

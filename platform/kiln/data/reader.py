@@ -33,6 +33,7 @@ from webdataset import utils as wds_utils
 from webdataset import tariterators
 from webdataset.tariterators import base_plus_ext
 
+from kiln.data.stall import open_remote
 from kiln.errors import DataError
 
 
@@ -59,6 +60,7 @@ def _draw(*parts) -> int:
 # errors. Remote shards (http, pipe:, ...) always stream through webdataset.
 
 _CHUNK = 1 << 20
+DEFAULT_READ_TIMEOUT_S = 300.0  # data.read_timeout_s
 _COMPRESSED = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
 # Header bytes other than name, size and checksum (the same for every member kiln-data writes)
@@ -167,18 +169,27 @@ def _local_tar_samples(url: str):
             return False, count
 
 
-def _tar_samples(url: str) -> Iterator[dict]:
-    """The samples of one shard, as webdataset's `tarfile_samples` yields them (errors too)."""
-    finished, done = False, 0
+def _tar_samples(url: str, read_timeout_s: float | None = None) -> Iterator[dict]:
+    """The samples of one shard, as webdataset's `tarfile_samples` yields them (errors too).
+    A shard that streams from a process (curl, a pipe: command) fails after read_timeout_s
+    without a byte (kiln/data/stall.py)."""
+    finished, done, stream = False, 0, None
     if _is_local_file(url):
         finished, done = yield from _local_tar_samples(url)
-    if finished:
-        return
-    samples = tariterators.tarfile_samples([{"url": url}])
-    for _ in range(done):  # already yielded, identically, by the local reader
-        if next(samples, None) is None:  # only if the file changed meanwhile
+        if finished:
             return
-    yield from samples
+        samples = tariterators.tarfile_samples([{"url": url}])
+    else:
+        stream = open_remote(url, read_timeout_s)
+        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+    try:
+        for _ in range(done):  # already yielded, identically, by the local reader
+            if next(samples, None) is None:  # only if the file changed meanwhile
+                return
+        yield from samples
+    finally:
+        if stream is not None:  # now, not at garbage collection: a stalled command is killed
+            stream.close()
 
 
 def document_index(url: str, itemsize: int, expected: int | None = None) -> np.ndarray | None:
@@ -257,7 +268,8 @@ def indexed_documents(url: str, index: np.ndarray, order, dtype: np.dtype) -> It
 
 
 def read_documents(url: str, dtype: np.dtype, on_error: str = "raise",
-                   stats: dict | None = None, expected: int | None = None) -> Iterator[np.ndarray]:
+                   stats: dict | None = None, expected: int | None = None,
+                   read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> Iterator[np.ndarray]:
     """Token arrays of the documents in one shard, in order. Errors name the shard; with
     on_error="skip" a bad sample is skipped, a bad shard is cut short, both counted in `stats`
     and warned about once per shard. `expected` (the manifest's document count) catches a tar
@@ -274,7 +286,7 @@ def read_documents(url: str, dtype: np.dtype, on_error: str = "raise",
             warnings.warn(f"kiln: skipping bad data in shard {url}: {msg}", stacklevel=2)
             warned = True
 
-    samples = _tar_samples(url)
+    samples = _tar_samples(url, read_timeout_s)
     seen = 0
     try:  # the local reader's file closes when the shard is done with, not at garbage collection
         while True:
@@ -317,10 +329,12 @@ class ShardCursor:
 
     def __init__(self, shards: list[str], dtype: np.dtype, seed: int, reader: int, source: int,
                  on_error: str = "raise", state: dict | None = None, expected: dict | None = None,
-                 open_shards: int = 1, shuffle_documents: bool = False):
+                 open_shards: int = 1, shuffle_documents: bool = False,
+                 read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S):
         if not shards:
             raise DataError(f"reader {reader} has no shards in source {source}")
         self.shards, self.dtype, self.on_error = shards, dtype, on_error
+        self.read_timeout_s = read_timeout_s
         self.expected = expected or {}  # url -> documents the manifest lists
         self.seed, self.reader, self.source = seed, reader, source
         self.shuffle_documents = shuffle_documents
@@ -412,7 +426,7 @@ class ShardCursor:
             index, order = laid
             return indexed_documents(url, index, order[skip:], self.dtype)
         docs = read_documents(url, self.dtype, self.on_error, self.stats if stats is None else stats,
-                              self.expected.get(url))
+                              self.expected.get(url), self.read_timeout_s)
         for _ in range(skip):  # resume mid-shard: skip what was already taken
             if next(docs, None) is None:
                 break
@@ -595,7 +609,7 @@ class MixedStream:
 
     def __init__(self, sources: list[dict], *, reader: int, seed: int, block: int, eos_id: int,
                  on_error: str, state: dict | None = None, open_shards: int = 1, open_documents: int = 1,
-                 shuffle_documents: list[bool] | None = None):
+                 shuffle_documents: list[bool] | None = None, read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S):
         """shuffle_documents: per source, whether its shards' documents are read in a seeded order."""
         state = state or {}
         saved = state.get("sources", [{} for _ in sources])
@@ -604,7 +618,8 @@ class MixedStream:
         self.packers = []
         for s, (src, st) in enumerate(zip(sources, saved)):
             cursor = ShardCursor(src["shards"], np.dtype(src["dtype"]), seed, reader, s, on_error,
-                                 st.get("cursor"), src.get("documents"), open_shards, shuffle_documents[s])
+                                 st.get("cursor"), src.get("documents"), open_shards, shuffle_documents[s],
+                                 read_timeout_s)
             self.packers.append(BlockPacker(cursor, block, eos_id, st, dtype=dtype, lanes=open_documents,
                                             seed=seed, reader=reader, source=s))
         total = sum(src["weight"] for src in sources)

@@ -12,11 +12,14 @@ and the shards' checksums, from which the stream fingerprint is made.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import json
 import os
 import re
 import subprocess
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 from webdataset.gopen import gopen  # (webdataset's package attribute `gopen` is the function)
 
+from kiln.config.redact import redact_text
 from kiln.data.manifest import load_manifest
 from kiln.errors import ConfigError, DataError
 
@@ -56,10 +60,26 @@ class Source:
                 "documents": dict(zip(self.train, self.documents)), "shuffle_documents": bool(shuffle_documents)}
 
 
+def _url_request(location: str) -> urllib.request.Request:
+    """A request for `location`; user:password@ in it (which curl, reading the shards, accepts)
+    becomes a basic-auth header, since urllib would take the password for a port."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.username is None:
+        return urllib.request.Request(location)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    user_pass = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    req.add_header("Authorization", "Basic " + base64.b64encode(user_pass.encode()).decode())
+    return req
+
+
 def _read_text(location: str) -> str:
     if location.startswith(("http://", "https://")):
-        with urllib.request.urlopen(location, timeout=30) as r:
-            return r.read().decode()
+        try:
+            with urllib.request.urlopen(_url_request(location), timeout=30) as r:
+                return r.read().decode()
+        except http.client.HTTPException as e:  # not an OSError, but as much a failed fetch
+            raise OSError(f"{type(e).__name__}: {e}") from e
     if location.startswith("pipe:"):
         out = subprocess.run(location[5:], shell=True, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
@@ -92,8 +112,8 @@ def resolve_source(path: str, *, manifest: str | None = None, weight: float = 1.
     try:
         raw = json.loads(_read_text(location))
     except (OSError, ValueError) as e:
-        raise DataError(f"{key}: cannot read the manifest for {path!r} at {location!r} ({e}); "
-                        f"shards written by kiln-data have manifest.json beside them") from e
+        raise DataError(redact_text(f"{key}: cannot read the manifest for {path!r} at {location!r} ({e}); "
+                                    f"shards written by kiln-data have manifest.json beside them")) from e
     base = location.rsplit("/", 1)[0]
     splits = raw.get("splits", {})
     listed = {s["file"]: s for s in splits.get("train", [])}
@@ -143,7 +163,7 @@ def fetch_beside_manifest(source: Source, file: str, cache_dir: str) -> Path:
     try:
         text = _read_text(remote)
     except OSError as e:
-        raise DataError(f"cannot fetch {file} for source {source.name} from {remote!r}: {e}") from e
+        raise DataError(redact_text(f"cannot fetch {file} for source {source.name} from {remote!r}: {e}")) from e
     tmp = local / f"{file}.{os.getpid()}.tmp"
     tmp.write_text(text)
     os.replace(tmp, local / file)

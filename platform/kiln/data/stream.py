@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kiln.data.reader import MixedStream, WindowShuffle, read_documents
+from kiln.data.reader import DEFAULT_READ_TIMEOUT_S, MixedStream, WindowShuffle, read_documents
 from kiln.errors import DataError
 
 __all__ = ["StreamSpec", "ResumableLoader", "assign_shards", "read_documents", "pack", "val_batches",
@@ -64,6 +64,7 @@ class StreamSpec:
     fingerprint: str = ""
     open_shards: int = 1  # shards each reader reads at once (data.open_shards)
     open_documents: int = 1  # documents each reader packs blocks from at once (data.open_documents)
+    read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S  # data.read_timeout_s
 
     def identity(self) -> dict:
         """What must match for a saved stream position to mean the same thing again."""
@@ -110,7 +111,7 @@ class TrainStream(IterableDataset):
             return MixedStream(sources, reader=reader, seed=spec.seed, block=spec.seq_len + 1,
                                eos_id=spec.eos_id, on_error=spec.on_error, state=state,
                                open_shards=spec.open_shards, open_documents=spec.open_documents,
-                               shuffle_documents=spec.documents_shuffled())
+                               shuffle_documents=spec.documents_shuffled(), read_timeout_s=spec.read_timeout_s)
 
         shuffle = WindowShuffle(make_stream, window=spec.shuffle_window, seed=spec.seed, reader=reader,
                                 state=self.reader_states.get(role))
@@ -137,6 +138,8 @@ class ResumableLoader:
         self._counts: dict[int, list] = {}
         dataset = TrainStream(spec, rank=rank, world=world, num_workers=num_workers,
                               rotation=self.next_role, reader_states=self.readers)
+        self.dataset = dataset
+        self.batch_timeout_s = batch_timeout(spec.read_timeout_s)
         if num_workers == 0:
             self._it = iter(dataset)
         else:
@@ -145,7 +148,7 @@ class ResumableLoader:
             # collate_fn passes the numpy batch through as it is (see TrainStream).
             self._it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals,
-                                       collate_fn=_as_is))
+                                       collate_fn=_as_is, timeout=self.batch_timeout_s))
             # Readers ignore SIGTERM (see _ignore_stop_signals), so they must be shut down by us,
             # before multiprocessing's exit hook would try to terminate them with that signal.
             atexit.register(self.close)
@@ -156,11 +159,41 @@ class ResumableLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
+    def kill_readers(self) -> None:
+        """Kill readers stuck in a read (a clean shutdown would wait for them, and they outlive
+        SIGTERM for a while: _ignore_stop_signals), then shut the loader down. Their pids leave
+        torch's SIGCHLD watch first, or it would report the kills as a crash."""
+        workers = getattr(self._it, "_workers", [])
+        if getattr(self._it, "_worker_pids_set", False):
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(self._it))
+            self._it._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        self.close()
+
+    def skip(self, n: int) -> None:
+        """Read past the next n micro-batches (the loss-spike guard skips the data of a spike)."""
+        for _ in range(n):
+            next(self)
+
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks, meta = next(self._it)
+        try:
+            blocks, meta = next(self._it)
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            self.kill_readers()  # stuck in a read: nothing to wait for, nor to shut down cleanly
+            shards = [u for urls in self.dataset.reader_shards(self.next_role) for u in urls]
+            shown = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+            raise DataError(f"rank {self.rank}: DataLoader worker {self.next_role} sent no batch for "
+                            f"{self.batch_timeout_s:g} s (twice data.read_timeout_s, plus a minute); it reads "
+                            f"{shown}: check the storage they are on (a hung mount?), or raise "
+                            f"data.read_timeout_s") from None
         role = int(meta["role"])
         self.readers[role] = meta["state"]
         self._stats[role] = meta["stats"]
@@ -186,6 +219,15 @@ class ResumableLoader:
         counts = [sum(c[i] for c in self._counts.values()) for i in range(len(self.spec.sources))]
         out["source_blocks"] = counts
         return out
+
+
+def batch_timeout(read_timeout_s: float | None) -> float:
+    """How long to wait for a DataLoader worker's next batch (0: for ever): longer than one
+    bounded read, so a stalled remote shard fails with its own, more precise error first."""
+    return 2 * read_timeout_s + BATCH_TIMEOUT_MARGIN_S if read_timeout_s else 0
+
+
+BATCH_TIMEOUT_MARGIN_S = 60.0
 
 
 def _as_is(batch):

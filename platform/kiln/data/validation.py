@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kiln.data.reader import document_index, indexed_documents, read_documents
+from kiln.data.reader import DEFAULT_READ_TIMEOUT_S, document_index, indexed_documents, read_documents
 from kiln.errors import DataError
 
 
@@ -36,8 +36,8 @@ def pack(docs: Iterator[np.ndarray], block: int, eos_id: int) -> Iterator[np.nda
 
 
 def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int,
-                num_batches: int, eos_id: int, dtype: str, on_error: str = "raise"
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                num_batches: int, eos_id: int, dtype: str, on_error: str = "raise",
+                read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's `num_batches` validation micro-batches (x, y), the same on every call."""
     dt = np.dtype(dtype)
     own_shards = len(urls) >= world
@@ -48,7 +48,7 @@ def val_batches(urls: list[str], *, rank: int, world: int, seq_len: int, batch_s
     def read_mine():
         if sliced is None:
             for url in mine_urls:
-                yield from read_documents(url, dt, on_error)
+                yield from read_documents(url, dt, on_error, read_timeout_s=read_timeout_s)
             return
         for url, index, positions in sliced:
             yield from indexed_documents(url, index, positions, dt)
@@ -98,9 +98,10 @@ def document_slice(urls: list[str], rank: int, world: int, dtype: np.dtype) -> l
 
 
 def eval_set(urls: list[str], *, rank: int, world: int, seq_len: int, batch_size: int, num_batches: int,
-             eos_id: int, dtype: str, on_error: str = "raise", device: torch.device | None = None
-             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+             eos_id: int, dtype: str, on_error: str = "raise", device: torch.device | None = None,
+             read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """val_batches read once and kept (on `device`): what the loop evaluates on every time."""
     return [(x.to(device), y.to(device)) if device is not None else (x, y)
             for x, y in val_batches(urls, rank=rank, world=world, seq_len=seq_len, batch_size=batch_size,
-                                    num_batches=num_batches, eos_id=eos_id, dtype=dtype, on_error=on_error)]
+                                    num_batches=num_batches, eos_id=eos_id, dtype=dtype, on_error=on_error,
+                                    read_timeout_s=read_timeout_s)]

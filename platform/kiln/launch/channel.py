@@ -6,19 +6,26 @@ from __future__ import annotations
 
 
 class RunChannel:
-    """The stop flag (set on SIGTERM, polled by every worker) and the summary rank 0 hands back at
+    """The stop flag (set on SIGTERM, polled by every worker), rank 0's latest progress record (the
+    driver draws its bar from it, kiln/tracking/progress.py) and the summary rank 0 hands back at
     the end (so the driver needs no shared filesystem)."""
 
     _ray_options = {"num_cpus": 0}  # ray.remote(**_ray_options), applied by the launcher (no Ray import here)
 
     def __init__(self):
-        self.stop, self.result = False, None
+        self.stop, self.result, self.latest = False, None, None
 
     def request_stop(self) -> None:
         self.stop = True
 
     def stop_requested(self) -> bool:
         return self.stop
+
+    def put_progress(self, record: dict) -> None:
+        self.latest = record
+
+    def progress(self) -> dict | None:
+        return self.latest
 
     def put_summary(self, summary: dict) -> None:
         self.result = summary

@@ -17,6 +17,9 @@ from kiln.engine.build import captured_stdout
 from kiln.launch.env import free_port, set_worker_env
 from kiln.launch.stop import StopRequest
 from kiln.plan import RunPlan
+from kiln.tracking.console import routed, wants_bar
+from kiln.tracking.progress import ProgressBar
+from kiln.tracking.rank_log import RankLog
 from kiln.training.fit import fit
 
 
@@ -38,12 +41,19 @@ class LocalLauncher:
                                        verbose=False)
         store = LocalStore(plan.checkpoints, cfg.trainer.keep_checkpoints, barrier=lambda: None, rank=0,
                            resume_from=plan.resume.checkpoint)
+        # This process is rank 0: its output is teed into <output_dir>/logs/rank_0.log, and on a
+        # terminal the progress is a bar (kiln/tracking/console.py).
+        bar = ProgressBar.of_this_process(cfg.trainer.max_steps) if wants_bar() else None
         try:
-            with StopRequest("stopping at the next step with a checkpoint") as stop:
+            with StopRequest("stopping at the next step with a checkpoint") as stop, \
+                    RankLog(plan.output_dir, 0, terminal=bar) as log, \
+                    routed(log, progress=bar.update if bar else None):
                 ctx = Context(rank=0, world_size=1, local_rank=0, node_rank=0, device=device,
                               output_dir=plan.output_dir, checkpoints=store, stop_requested=stop.is_set)
                 return fit(plan, ctx)
         finally:
+            if bar is not None:
+                bar.close()
             if dist.is_initialized():
                 # through DeepSpeed, which also drops its cached groups: the next run in this process
                 # (a sweep's next trial) starts a fresh process group

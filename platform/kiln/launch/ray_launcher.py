@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from kiln.checkpoint.store import fault_injection_pause, step_dir_name
+from kiln.checkpoint.store import abandoned_on_failure, fault_injection_pause, step_dir_name
 from kiln.config.schema import LauncherConfig
 from kiln.config.validate import use_gpus
 from kiln.context import Context
@@ -25,12 +25,21 @@ from kiln.launch.env import set_worker_env
 from kiln.launch.ranks import ray_node, record_ranks
 from kiln.launch.stop import StopRequest
 from kiln.plan import RunPlan
-from kiln.tracking.console import print_line
+from kiln.launch.ray_console import show_worker_output
+from kiln.tracking.console import print_line, routed, wants_bar
+from kiln.tracking.progress import ProgressBar, streams_through
+from kiln.tracking.rank_log import RankLog
 from kiln.training.fit import fit
 
 # Ray Train's V2 implementation (TrainController actor); must be set before ray.train is imported.
 # (Ray itself is imported inside the functions that use it: a local run never loads it.)
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's PreemptionWatcher (node-drain observability; kiln reads none of it: a preempted run
+# stops through SIGTERM and resumes from its checkpoint) is built with the workers' actor handles
+# as arguments, so Ray core logs an E-level "constructor arguments in the object store" line at
+# every start. Off: no false error, one actor process less per run. Ray Train hands the variable
+# to its controller; set it to 1 to have the watcher back.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 class RayStore:
@@ -52,11 +61,25 @@ class RayStore:
         with ckpt.as_directory() as local:
             yield Path(local)
 
+    @contextlib.contextmanager
+    def last_saved(self):
+        import ray.train
+
+        # get_checkpoint() is the one this worker group started from; a rollback wants the newest
+        reported = ray.train.get_all_reported_checkpoints()
+        if not reported:
+            with self.latest() as ckpt:
+                yield ckpt
+            return
+        with reported[-1].checkpoint.as_directory() as local:
+            yield Path(local)
+
     def save(self, step: int, write, metrics: dict) -> None:
         import ray.train
 
-        with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
-            write(Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="kiln-ckpt-", ignore_cleanup_errors=True) as tmp:
+            with abandoned_on_failure(Path(tmp), step):  # staged on this node's disk before Ray copies it
+                write(Path(tmp))
             fault_injection_pause(Path(tmp), step)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=step_dir_name(step))
@@ -107,8 +130,23 @@ def _worker_fn(config: dict) -> None:
         _train_context.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):
         pass
-    tc = ray.train.get_context()
+    rank = ray.train.get_context().get_world_rank()
     channel = ray.get_actor(config["channel"])
+    # Everything this process prints also goes to <output_dir>/logs/rank_<r>.log. Only rank 0
+    # speaks on the console; under the driver's progress bar it sends its records there instead.
+    to_driver = channel.put_progress.remote if rank == 0 and config.get("progress_bar") else None
+    with RankLog(plan.output_dir, rank) as log, routed(log, quiet=rank != 0, progress=to_driver):
+        summary = _train_rank(plan, channel)
+    if rank == 0:
+        ray.get(channel.put_summary.remote(summary))
+
+
+def _train_rank(plan: RunPlan, channel) -> dict:
+    """This worker's rank: its context, its record in ranks/, the training loop."""
+    import ray.train
+    import ray.train.torch
+
+    tc = ray.train.get_context()
     stop = watch_stop_signal(channel)
     ctx = Context(
         rank=tc.get_world_rank(),
@@ -123,9 +161,7 @@ def _worker_fn(config: dict) -> None:
     # <output_dir>/ranks/rank_<r>.json: node, address, interface of this rank (written before any
     # collective, for debugging multi-node set-up); rank 0 prints "ranks: N on M nodes (...)".
     record_ranks(ctx, *ray_node())
-    summary = fit(plan, ctx)
-    if ctx.is_main:
-        ray.get(channel.put_summary.remote(summary))
+    return fit(plan, ctx)
 
 
 class RayLauncher:
@@ -167,11 +203,12 @@ class RayLauncher:
 
     def run(self, plan: RunPlan) -> dict:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         lc, tr = plan.config.launcher, plan.config.trainer
         where = self.connect(lc, lc.num_workers * lc.cpus_per_worker)
+        worker_output = show_worker_output()  # the workers' lines as they wrote them (ray_console.py)
         self.check_capacity(lc)
         use_gpu = use_gpus(plan.config, int(ray.cluster_resources().get("GPU", 0)))
         print_line(f"{where}: {lc.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s)")
@@ -180,7 +217,11 @@ class RayLauncher:
         channel = ray.remote(**RunChannel._ray_options)(RunChannel).options(name=channel_name).remote()
         # No print patching: Ray Train V2 would echo every worker print a second time via its logger.
         worker_env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-        for var in ("KILN_FAULT_SAVE_PAUSE", "KILN_FAULT_STALL", "KILN_FAULT_NAN_STEP", "WANDB_MODE", "KILN_CACHE_DIR"):
+        # W&B's own settings reach rank 0 as they would a local run (not WANDB_API_KEY: Ray's runtime
+        # env is readable by every user of the cluster; set the key on the cluster's nodes instead)
+        for var in ("KILN_FAULT_SAVE_PAUSE", "KILN_FAULT_STALL", "KILN_FAULT_NAN_STEP", "KILN_FAULT_SPIKE_STEP",
+                    "KILN_CACHE_DIR", "WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY",
+                    "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_NOTES", "WANDB_DIR", "WANDB_BASE_URL"):
             if os.environ.get(var):
                 worker_env[var] = os.environ[var]
         if lc.socket_ifname:
@@ -189,9 +230,11 @@ class RayLauncher:
             worker_env.update(GLOO_SOCKET_IFNAME=lc.socket_ifname, NCCL_SOCKET_IFNAME=lc.socket_ifname)
         if use_gpu:
             worker_env.update(flight_recorder_env(plan.output_dir))
+        show_bar = wants_bar()  # decided here, where the terminal is: a worker's stdout never is one
         trainer = TorchTrainer(
             _worker_fn,
-            train_loop_config={"plan": plan, "channel": channel_name, "use_gpu": use_gpu},
+            train_loop_config={"plan": plan, "channel": channel_name, "use_gpu": use_gpu,
+                               "progress_bar": show_bar},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=lc.timeout_s),
             scaling_config=ScalingConfig(
                 num_workers=lc.num_workers,
@@ -205,19 +248,28 @@ class RayLauncher:
                 failure_config=FailureConfig(max_failures=lc.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=tr.keep_checkpoints or None),
                 worker_runtime_env={"env_vars": worker_env},
+                # Ray Train's INFO lines (resources requested, worker group started, process group set
+                # up, each report) stay in its own log files; its warnings and errors still show.
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
+        bar = ProgressBar.of_this_process(tr.max_steps) if show_bar else None
         try:
-            with StopRequest("asking all workers to checkpoint and stop", on_stop=channel.request_stop.remote):
-                error = fit_until_done(trainer)
+            with StopRequest("asking all workers to checkpoint and stop", on_stop=channel.request_stop.remote), \
+                    (streams_through(bar) if bar else contextlib.nullcontext()):
+                error = fit_until_done(trainer, tick=(lambda: show_progress_of(channel, bar)) if bar else None)
             summary = None if error is not None else ray.get(channel.summary.remote())
         finally:
+            if bar is not None:
+                bar.close()
             ray.kill(channel)
         if error is not None:  # Ray wraps the worker's exception; surface the worker's own message
             logs = ray_logs_dir()
             if not self.keep_ray:
                 ray.shutdown()  # flush Ray's buffered worker logs now, so kiln's summary of the error comes last
                 self.started_here = False
+            if worker_output is not None:
+                worker_output.flush()
             message = worker_message(error)
             if "timed out" in message.lower() or "timeout" in message.lower():
                 message += (f"\n  a collective waited launcher.timeout_s={lc.timeout_s} s for a rank that never "
@@ -225,8 +277,11 @@ class RayLauncher:
                             f"NCCL flight recorder dumped each rank's last collectives to "
                             f"{plan.output_dir}/nccl_trace)")
             raise TrainingError(f"training failed on the Ray workers:\n{message}\n"
-                                f"  (full worker tracebacks are above, and in Ray's logs under {logs})"
+                                f"  (full worker tracebacks are above, in each rank's {plan.output_dir}/logs/"
+                                f"rank_<r>.log, and in Ray's logs under {logs})"
                                 ) from error
+        if worker_output is not None:
+            worker_output.flush()
         if summary is None:
             raise TrainingError("training finished but rank 0 handed back no summary (see the workers' output above)")
         return summary
@@ -242,8 +297,21 @@ def ray_logs_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def fit_until_done(trainer) -> BaseException | None:
-    """trainer.fit() in a thread, so that the main thread stays free for signals (StopRequest)."""
+def show_progress_of(channel, bar: ProgressBar) -> None:
+    """The driver's bar, from rank 0's latest record (none yet, or the actor busy: next time)."""
+    import ray
+
+    try:
+        record = ray.get(channel.progress.remote(), timeout=5)
+    except Exception:
+        return
+    if record:
+        bar.update(record)
+
+
+def fit_until_done(trainer, tick=None) -> BaseException | None:
+    """trainer.fit() in a thread, so that the main thread stays free for signals (StopRequest);
+    tick(): called about twice a second meanwhile, and once at the end."""
     outcome: dict = {}
 
     def fit_all():
@@ -256,6 +324,8 @@ def fit_until_done(trainer) -> BaseException | None:
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+        if tick is not None:
+            tick()
     return outcome.get("error")
 
 

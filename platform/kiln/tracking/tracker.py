@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kiln.tracking.console import format_line, print_line
+from kiln.tracking import wandb_run
+from kiln.tracking.console import show_progress
 from kiln.tracking.jsonl import JsonlWriter
-from kiln.tracking.wandb_run import WandbRun, resolve_mode
 
 SUMMARY = "summary.json"
 
@@ -20,8 +20,9 @@ class Tracker:
         self.cfg, self.output_dir = cfg, output_dir
         self.max_steps = cfg.trainer.max_steps
         self.jsonl = JsonlWriter(output_dir / "metrics.jsonl")
-        enabled = resolve_mode(cfg.logger) != "disabled"
-        self.wandb = WandbRun(cfg, output_dir, resume_id, public_config) if enabled else None
+        enabled = wandb_run.resolve_mode(cfg.logger) != "disabled"
+        # None also where W&B could not start at all (it warned): W&B never stops training.
+        self.wandb = wandb_run.start(cfg, output_dir, resume_id, public_config) if enabled else None
         # Saved in checkpoints, so that a resumed run continues the same W&B run.
         self.wandb_id = self.wandb.run.id if self.wandb else None
 
@@ -29,7 +30,7 @@ class Tracker:
         self.jsonl.log(metrics)
         if self.wandb:
             self.wandb.log(metrics, step=metrics["step"])
-        print_line(format_line(metrics, self.max_steps))
+        show_progress(metrics, self.max_steps)  # a line, or the bar on a terminal
 
     def finish(self, summary: dict) -> dict:
         self.jsonl.close()

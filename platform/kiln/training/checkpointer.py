@@ -31,7 +31,25 @@ class Checkpointer:
             if self.ctx.is_main:
                 print_line(f"resumed from {ckpt} at step {meta['step']}")
         state.load_state_dict(loop_state)
+        state.ledger.load_state_dict(state.saved_ledger, state.step, self.ctx.output_dir)
         return meta
+
+    def roll_back(self, state: TrainState) -> int | None:
+        """Reload the last checkpoint this run saved (the loss-spike guard); returns its step,
+        or None when there is none yet. The run's own records (throughput, where it resumed
+        from) are kept: it is the same run, gone back."""
+        with self.store.last_saved() as ckpt:
+            if ckpt is None:
+                return None
+            _, loop_state = load_checkpoint(ckpt, engine=self.engine, rank=self.ctx.rank,
+                                            world_size=self.ctx.world_size)
+        kept, undone = (state.throughput, state.resumed_from), state.step
+        state.load_state_dict(loop_state)
+        state.throughput, state.resumed_from = kept
+        # the steps undone were not productive after all; the time spent on them stays wall time
+        state.ledger.productive_s = state.saved_ledger.get("productive_s", state.ledger.productive_s)
+        state.ledger.lost_steps += undone - state.step
+        return state.step
 
     def save(self, state: TrainState, data_position: dict, metrics: dict, wandb_id: str | None) -> None:
         step = state.step

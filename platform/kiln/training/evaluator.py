@@ -26,7 +26,8 @@ class Evaluator:
             self.batches = eval_set(d.val_urls, rank=self.ctx.rank, world=self.ctx.world_size,
                                     seq_len=cfg.data.seq_len, batch_size=cfg.trainer.micro_batch_size,
                                     num_batches=cfg.trainer.eval_batches, eos_id=d.tokenizer.eos_id,
-                                    dtype=d.val_dtype, on_error=str(cfg.data.on_error), device=self.ctx.device)
+                                    dtype=d.val_dtype, on_error=str(cfg.data.on_error), device=self.ctx.device,
+                                    read_timeout_s=cfg.data.read_timeout_s)
         return self.batches
 
     @torch.no_grad()

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import time
 
 import numpy as np
 import torch
@@ -20,12 +22,14 @@ from kiln.engine.build import build_engine, needs_own_grad_norm
 from kiln.model.factory import build_model as build_network
 from kiln.plan import RunPlan
 from kiln.tracking.console import print_line
+from kiln.tracking.events import record_event
 from kiln.tracking.tracker import NullTracker, Tracker
 from kiln.training.checkpointer import Checkpointer
 from kiln.training.evaluator import Evaluator
 from kiln.training.faults import Faults
 from kiln.training.memory import peak_memory
 from kiln.training.metrics import MetricsLogger
+from kiln.training.spikes import SpikeGuard
 from kiln.training.state import TrainState
 from kiln.training.step import GradWatch, as_float, train_step
 
@@ -34,6 +38,7 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
     """Train to trainer.max_steps from wherever the run's checkpoints left it; returns the run's
     summary (rank 0's is complete)."""
     cfg, tr = plan.config, plan.config.trainer
+    began = time.time()  # wall time counts from here: set-up (model, engine, restore) is not productive
     model, n_params = build_model(plan, ctx.rank)
     model.checkpointing = str(tr.activation_checkpointing)
     engine, _ = build_engine(model, cfg, ctx.world_size)
@@ -41,10 +46,9 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
         engine.compile()  # DeepSpeed's: compiles the module in place, ZeRO hooks and names kept
     tokens_per_step = tr.micro_batch_size * tr.grad_accum_steps * cfg.data.seq_len * ctx.world_size
     state, checkpointer = TrainState(ctx.device), Checkpointer(plan, ctx, engine, tokens_per_step)
+    state.ledger.started = began
     meta = checkpointer.restore(state)
-    batches = ResumableLoader(plan.data.spec, rank=ctx.rank, world=ctx.world_size, num_workers=cfg.data.num_workers,
-                              state=state.data if cfg.data.resume_stream else None,
-                              pin_memory=ctx.device.type == "cuda")
+    batches = data_loader(plan, ctx, state.data if cfg.data.resume_stream else None)
     if state.rng is not None:
         set_rng_state(state.rng)  # last: creating the loader above draws from the RNG
     tracker = Tracker(cfg, ctx.output_dir, resume_id=meta.get("wandb_id"),
@@ -53,12 +57,14 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
     meter, evaluator = MetricsLogger(plan, ctx, state, tracker, tokens_per_step, n_params), Evaluator(plan, ctx)
     watch = GradWatch(ctx.device, str(cfg.precision.dtype), skip=tr.on_nonfinite == "skip",
                       max_skipped=tr.max_skipped_steps)
-    own_norm, stopped_at, faults = needs_own_grad_norm(engine), None, Faults.from_env()
+    guard = SpikeGuard(tr.spike_threshold, tr.spike_window, tr.spike_max_rollbacks)
+    own_norm, stopped_at, faults, spiked = needs_own_grad_norm(engine), None, Faults.from_env(), set()
     try:
         while state.step < tr.max_steps:
             lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves after it)
             step_loss, norm = train_step(engine, batches, ctx.device, tr.grad_accum_steps, own_norm,
-                                         poison=faults.nan_loss_asked(ctx.rank, state.step + 1))
+                                         poison=faults.nan_loss_asked(ctx.rank, state.step + 1),
+                                         loss_factor=faults.loss_factor(state.step + 1, spiked), timer=meter.timer)
             state.add(watch.usable(step_loss))
             faults.stall_if_asked(ctx.rank, state.step)
             meter.step_done()
@@ -70,14 +76,25 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
             if log or evaluate or save:  # never save (nor log) without checking for divergence
                 loss, stop = watch.check(state.interval_loss, state.interval_steps, norm, state.step, lr,
                                          stop=ctx.stop_requested())
+                spike = guard.is_spike(loss)
+                if spike is not None:  # every rank sees the same loss: all go back together
+                    with meter.paused("rollback"):
+                        batches, rolled = roll_back(plan, ctx, state, checkpointer, batches, guard, watch, spike)
+                    if rolled:
+                        meter.restart_interval()
+                        continue
                 save = save or stop
             if log or evaluate:
                 metrics = meter.record(loss, lr, as_float(norm), batches)
                 if evaluate:
-                    metrics.update(evaluator(engine))
+                    with meter.paused("eval"):
+                        metrics.update(evaluator(engine))
+                    metrics["time/eval_s"] = meter.timer.seconds.pop("eval")  # this interval's, not the next
+                    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
                 meter.write(metrics)
             if save:
-                with meter.paused():
+                meter.settle()  # the checkpoint carries the productive time up to this step
+                with meter.paused("checkpoint"):
                     checkpointer.save(state, batches.state_dict(), metrics, getattr(tracker, "wandb_id", None))
             if stop:
                 stopped_at = state.step
@@ -87,7 +104,46 @@ def fit(plan: RunPlan, ctx: Context) -> dict:
     finally:
         batches.close()  # stop reader processes before interpreter exit
     return tracker.finish(summary(plan, ctx, state, meter, batches, n_params, stopped_at, tokens_per_step,
-                                   watch.skipped))
+                                   watch.skipped, guard.rollbacks))
+
+
+def data_loader(plan: RunPlan, ctx: Context, position: dict | None) -> ResumableLoader:
+    """This rank's training batches, from `position` (a saved stream state) or the start."""
+    return ResumableLoader(plan.data.spec, rank=ctx.rank, world=ctx.world_size,
+                           num_workers=plan.config.data.num_workers, state=position,
+                           pin_memory=ctx.device.type == "cuda")
+
+
+def roll_back(plan: RunPlan, ctx: Context, state: TrainState, checkpointer: Checkpointer, batches: ResumableLoader,
+              guard: SpikeGuard, watch: GradWatch, spike: dict) -> tuple[ResumableLoader, bool]:
+    """The loss-spike guard's rollback (kiln/training/spikes.py): reload the last checkpoint,
+    skip the data batches of the steps from it to the spike, go on from there. Returns the
+    loader to go on with (a new one; the old one closed) and whether the run went back (not
+    before its first checkpoint: then it trains on)."""
+    spike_step = state.step
+    guard.check_allowed(spike_step)
+    back_to = checkpointer.roll_back(state)
+    if back_to is None:
+        if ctx.is_main:
+            print_line(f"warning: loss spike at step {spike_step} (interval loss {spike['loss']:.4f}, recent mean "
+                       f"{spike['recent_mean']:.4f}) but no checkpoint to roll back to yet: training on")
+            record_event(ctx.output_dir, "loss_spike", spike_step, rolled_back_to=None, **spike)
+        return batches, False
+    guard.rollbacks += 1
+    batches.close()
+    batches = data_loader(plan, ctx, state.data)
+    skipped = (spike_step - back_to) * plan.config.trainer.grad_accum_steps
+    batches.skip(skipped)
+    set_rng_state(state.rng)
+    watch.checked_at = back_to
+    if ctx.is_main:
+        print_line(f"loss spike at step {spike_step}: interval loss {spike['loss']:.4f} against a recent mean of "
+                   f"{spike['recent_mean']:.4f} (limit {spike['limit']:.4f}); rolled back to the step-{back_to} "
+                   f"checkpoint and skipped the {skipped} micro-batch(es) of steps {back_to + 1}-{spike_step} "
+                   f"(rollback {guard.rollbacks} of trainer.spike_max_rollbacks={guard.max_rollbacks})")
+        record_event(ctx.output_dir, "loss_spike", spike_step, rolled_back_to=back_to, skipped_micro_batches=skipped,
+                     rollback=guard.rollbacks, **spike)
+    return batches, True
 
 
 def compile_enabled(setting: bool | None, device: torch.device) -> bool:
@@ -131,8 +187,9 @@ def announce(plan: RunPlan, ctx: Context, n_params: int) -> None:
 
 
 def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger, batches: ResumableLoader,
-            n_params: int, stopped_at: int | None, tokens_per_step: int, skipped: int = 0) -> dict:
-    last = state.last
+            n_params: int, stopped_at: int | None, tokens_per_step: int, skipped: int = 0,
+            rollbacks: int = 0) -> dict:
+    last, ledger = state.last, state.ledger
     steps = last.get("step", state.resumed_from)
     return {
         "run_name": plan.run_name,
@@ -141,6 +198,8 @@ def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger
         "stopped_early_at": stopped_at,
         "final_loss": last.get("loss"),
         "final_eval_loss": last.get("eval_loss"),
+        "best_eval_loss": last.get("best_eval_loss"),
+        "best_eval_step": last.get("best_eval_step"),
         "eval_split": plan.data.val_split,
         "tokens": steps * tokens_per_step,
         "tokens_per_s": meter.steady_tokens_per_s(),
@@ -148,6 +207,10 @@ def summary(plan: RunPlan, ctx: Context, state: TrainState, meter: MetricsLogger
         **meter.flops_summary(),
         **peak_memory(ctx.device),
         "skipped_steps": skipped,  # trainer.on_nonfinite=skip
+        "rollbacks": rollbacks,  # trainer.spike_threshold: loss spikes rolled back
+        # across restarts and resumes (kiln/training/timing.py)
+        "goodput": ledger.goodput(), "productive_s": ledger.productive_s, "wall_s": ledger.wall_now(),
+        "restarts": ledger.restarts, "lost_steps": ledger.lost_steps,
         "world_size": ctx.world_size,
         "data": batches.stats(),
         "output_dir": str(ctx.output_dir),

@@ -17,3 +17,19 @@ def peak_memory(device: torch.device) -> dict:
                 "memory_basis": "torch.cuda.max_memory_allocated"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return {"peak_memory_gib": rss / (2**30 if sys.platform == "darwin" else 2**20), "memory_basis": "host peak RSS"}
+
+
+def memory_metrics(device: torch.device) -> dict:
+    """This interval's memory, for the metrics: on a GPU torch's allocated and peak bytes (the
+    peak since the run started), on a CPU the process's resident and peak resident set."""
+    if device.type == "cuda":
+        return {"memory/allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+                "memory/peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    out = peak_memory(device)
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        out_now = {"memory/rss_gib": resident_pages * resource.getpagesize() / 2**30}
+    except (OSError, ValueError, IndexError):
+        out_now = {}
+    return {**out_now, "memory/peak_rss_gib": out["peak_memory_gib"]}

@@ -12,7 +12,9 @@ from kiln.context import Context
 from kiln.data.stream import ResumableLoader
 from kiln.model.flops import device_peak, flops_per_token, mfu
 from kiln.plan import RunPlan
+from kiln.training.memory import memory_metrics
 from kiln.training.state import TrainState
+from kiln.training.timing import StepTimer
 from kiln.training.step import _all_reduce
 
 
@@ -42,6 +44,8 @@ class MetricsLogger:
         self.peak_tflops, self.peak_basis = device_peak(gpu, tr.peak_tflops)
         self.timed = 0  # steps timed in this process since the last record
         self.started = time.perf_counter()
+        self.timer = StepTimer(ctx.device)  # where the interval's time went (time/*_s)
+        self.seq_len = plan.config.data.seq_len
         self.first_here = len(state.throughput)  # the intervals before are a previous process's
 
     def due(self, step: int) -> bool:
@@ -55,11 +59,17 @@ class MetricsLogger:
         timed in this process, so the first interval after a resume is not inflated."""
         step = self.state.step
         elapsed = time.perf_counter() - self.started
+        tokens_per_s = self.timed * self.tokens_per_step / elapsed
         metrics = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad, "tokens": step * self.tokens_per_step,
-                   "tokens_per_s": self.timed * self.tokens_per_step / elapsed}
+                   "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / self.seq_len}
         if self.peak_tflops is not None:
             metrics["mfu"] = self.mfu(metrics["tokens_per_s"])
         metrics.update(data_metrics(batches, self.plan, self.ctx.device))
+        self.settle()
+        metrics.update(self.timer.collect())
+        metrics.update(memory_metrics(self.ctx.device))
+        metrics["goodput"] = self.state.ledger.goodput()
+        metrics["time"] = time.time()  # when (wall clock): plots against time, lost time after a crash
         self.state.throughput.append(metrics["tokens_per_s"])
         return metrics
 
@@ -73,23 +83,38 @@ class MetricsLogger:
         return {"mfu": value, "flops_per_token": self.flops_per_token, "peak_tflops": self.peak_tflops,
                 "mfu_basis": self.peak_basis}
 
+    def settle(self) -> None:
+        """Hand the productive time timed so far to the ledger (before a record or a save)."""
+        self.state.ledger.productive_s += self.timer.settle()
+
     def write(self, metrics: dict) -> None:
         self.tracker.log(metrics)
         self.state.last.update(loss=metrics["loss"], step=metrics["step"])
         if "eval_loss" in metrics:
+            best = self.state.last.get("best_eval_loss")
             self.state.last["eval_loss"] = metrics["eval_loss"]
+            if best is None or metrics["eval_loss"] < best:
+                self.state.last.update(best_eval_loss=metrics["eval_loss"], best_eval_step=metrics["step"])
         self.state.start_interval()
         self.timed = 0
         self.started = time.perf_counter()  # evaluation time is not training time
 
+    def restart_interval(self) -> None:
+        """Time the next interval afresh (after a rollback: the steps since the last record were undone)."""
+        self.timed = 0
+        self.started = time.perf_counter()
+
     @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (saving a checkpoint) is not training time either."""
+    def paused(self, phase: str):
+        """Time spent inside (saving a checkpoint, a rollback) is not training time either; it
+        is counted as `phase` (time/<phase>_s)."""
         began = time.perf_counter()
         try:
             yield
         finally:
-            self.started += time.perf_counter() - began
+            spent = time.perf_counter() - began
+            self.started += spent
+            self.timer.add(phase, spent)
 
     def steady_tokens_per_s(self) -> float | None:
         """This process's intervals; its first includes warm-up (allocations, JIT): left out when

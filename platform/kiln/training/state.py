@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from kiln.training.timing import Ledger
+
 
 class TrainState:
     def __init__(self, device: torch.device):
@@ -19,6 +21,8 @@ class TrainState:
         self.data: dict | None = None  # the data stream's position, as loaded (or None)
         self.rng: dict | None = None
         self.resumed_from = 0
+        self.ledger = Ledger()  # productive and wall time, restarts (kiln/training/timing.py)
+        self.saved_ledger: dict = {}  # as loaded, for Checkpointer.restore
 
     def add(self, step_loss: torch.Tensor) -> None:
         self.step += 1
@@ -31,7 +35,8 @@ class TrainState:
 
     def state_dict(self, data_position: dict) -> dict:
         return {"step": self.step, "data": data_position, "interval_loss": self.interval_loss.detach().cpu().clone(),
-                "interval_steps": self.interval_steps, "last": dict(self.last), "throughput": list(self.throughput)}
+                "interval_steps": self.interval_steps, "last": dict(self.last), "throughput": list(self.throughput),
+                "ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = self.resumed_from = state["step"]
@@ -40,3 +45,4 @@ class TrainState:
         self.last = dict(state.get("last", {}))
         self.throughput = list(state.get("throughput", []))
         self.data, self.rng = state.get("data"), state.get("rng")
+        self.saved_ledger = dict(state.get("ledger", {}))

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.errors import TrainingError
+from kiln.training.timing import StepTimer
 from kiln.tracking.console import print_line
 
 
@@ -37,21 +38,29 @@ def local_grad_norm(engine) -> torch.Tensor:
 
 
 def train_step(engine, batches, device: torch.device, grad_accum: int, own_norm: bool = False,
-               poison: bool = False) -> tuple[torch.Tensor, object]:
+               poison: bool = False, loss_factor: float = 1.0, timer: StepTimer | None = None
+               ) -> tuple[torch.Tensor, object]:
     """One optimizer step over `grad_accum` micro-batches. Returns their mean loss (local) and
     the step's global gradient norm before clipping (a tensor or a float; None if unknown).
-    poison: a fault tests inject (kiln.training.faults): the loss, and so every gradient, is NaN."""
+    poison, loss_factor: faults tests inject (kiln.training.faults): the loss, and so every
+    gradient, is NaN, or multiplied by loss_factor. timer: where the time goes (kiln/training/timing.py)."""
+    timer = timer or StepTimer(device)
     total = torch.zeros((), device=device)
     norm = None
     for i in range(grad_accum):
-        x, y = next(batches)
-        _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        if poison:
-            loss = loss * float("nan")
-        engine.backward(loss)
-        if own_norm and i == grad_accum - 1:
-            norm = local_grad_norm(engine)
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        with timer.phase("data"):
+            x, y = next(batches)
+        with timer.phase("forward_backward"):
+            _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            if poison:
+                loss = loss * float("nan")
+            if loss_factor != 1.0:
+                loss = loss * loss_factor
+            engine.backward(loss)
+            if own_norm and i == grad_accum - 1:
+                norm = local_grad_norm(engine)
+        with timer.phase("optimizer"):
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         total += loss.detach().float()
     if not own_norm:
         norm = engine.get_global_grad_norm()
