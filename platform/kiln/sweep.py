@@ -28,6 +28,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
+from kiln.config.redact import redact, redact_text
 from kiln.config.schema import LauncherName, load_config
 from kiln.errors import KilnError
 from kiln.estimate import check_plan
@@ -59,7 +60,8 @@ def trial_dir_name(task_overrides: Any, sweeper_params: Any = None) -> str:
     overrides = [str(o) for o in (task_overrides or [])]
     swept = swept_keys(sweeper_params)
     chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
-    name = _UNSAFE.sub("_", ",".join(sorted(chosen))) or "defaults"
+    # (redacted first: a credential typed into an override must not name a directory, a W&B run)
+    name = _UNSAFE.sub("_", redact_text(",".join(sorted(chosen)))) or "defaults"
     if len(name) > 120:  # keep paths well under filesystem limits, still unique
         name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     return name
@@ -129,9 +131,9 @@ def record_trial(output_dir: Path, trial: SweepTrial, status: str, summary: dict
     """trial.json in the trial's output dir: what the table (and a re-run) reads."""
     s = summary or {}
     record = {
-        "num": trial.num, "trial": trial.trial, "overrides": trial.overrides, "status": status,
+        "num": trial.num, "trial": trial.trial, "overrides": redact(list(trial.overrides)), "status": status,
         "final_eval_loss": s.get("final_eval_loss"), "final_loss": s.get("final_loss"),
-        "tokens_per_s": s.get("tokens_per_s"), "steps": s.get("steps"), "error": error,
+        "tokens_per_s": s.get("tokens_per_s"), "steps": s.get("steps"), "error": redact(error),
         "output_dir": str(output_dir),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,7 @@ class TrialsTable(Callback):
             row = json.loads(record_path.read_text())
         else:  # the trial died before kiln could record it (Hydra caught the exception)
             err = job_return._return_value if job_return.status == JobStatus.FAILED else None
-            row = {"num": num, "trial": out.name, "overrides": list(job_return.overrides or []),
+            row = {"num": num, "trial": out.name, "overrides": redact(list(job_return.overrides or [])),
                    "status": "failed", "final_eval_loss": None, "final_loss": None, "tokens_per_s": None,
                    "steps": None, "error": failure_text(err) if err else "no trial record", "output_dir": str(out)}
         row["num"] = num
