@@ -74,7 +74,7 @@ def print_summary(s: dict, plan: RunPlan) -> None:
     if not wb:
         print_line("W&B: off (logger=none)")
     elif wb["mode"] == "offline":
-        print_line(f"W&B offline run: {wb['dir']}  (upload later: wandb sync {wb['dir']})")
+        print_line(f"W&B offline run: {wb['dir']}  (upload later: {wb.get('sync') or 'wandb sync ' + wb['dir']})")
     else:
         print_line(f"W&B {wb['mode']} run: {wb.get('url') or wb['dir']}")
     again = "run the same command to continue" if plan.named else f"continue with trainer.run_name={plan.run_name}"
