@@ -113,7 +113,7 @@ class LocalStore(CheckpointStore):
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.barrier()
-        with abandoned_on_failure(tmp, step, complete_checkpoints(self.run_dir)):
+        with abandoned_on_failure(tmp, step, self.run_dir):
             write(tmp)
         fault_injection_pause(tmp, step)
         self.barrier()  # every rank has written its files
@@ -146,10 +146,10 @@ def disk_full(error: BaseException, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def abandoned_on_failure(tmp: Path, step: int, previous: list[Path] | None = None):
+def abandoned_on_failure(tmp: Path, step: int, run_dir: Path | None = None):
     """A save that fails removes its partial files (giving a full disk its space back) and,
-    where the disk is full, says so, naming the checkpoint that is kept (`previous`: the run's
-    complete ones, None where the store does not know them)."""
+    where the disk is full, says so, naming the checkpoint that is kept (the newest complete one
+    in `run_dir`; None where the store does not know the run's checkpoints, as under Ray)."""
     try:
         yield
     except BaseException as e:
@@ -157,6 +157,7 @@ def abandoned_on_failure(tmp: Path, step: int, previous: list[Path] | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         if not full:
             raise
+        previous = None if run_dir is None else complete_checkpoints(run_dir)  # (listed only on failure)
         kept = ("the previous checkpoint is kept" if previous is None else
                 f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists")
         raise CheckpointError(
