@@ -187,6 +187,9 @@ def _tar_samples(url: str, read_timeout_s: float | None = None) -> Iterator[dict
             if next(samples, None) is None:  # only if the file changed meanwhile
                 return
         yield from samples
+        if stream is not None:  # the tar ends before the stream does: read on to EOF, where
+            while stream.read(1 << 16):  # a failed command's exit status is checked (stall.py)
+                pass
     finally:
         if stream is not None:  # now, not at garbage collection: a stalled command is killed
             stream.close()

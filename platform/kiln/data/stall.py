@@ -12,6 +12,7 @@ import io
 import os
 import select
 import signal
+import subprocess
 from pathlib import Path
 
 from webdataset.gopen import Pipe, gopen
@@ -52,6 +53,7 @@ class GuardedPipe(io.RawIOBase):
 
     def __init__(self, pipe: Pipe, timeout_s: float):
         self.pipe, self.timeout_s, self.fd = pipe, timeout_s, pipe.stream.fileno()
+        self.eof = False
 
     def readable(self) -> bool:
         return True
@@ -64,14 +66,28 @@ class GuardedPipe(io.RawIOBase):
                               f"behind it stalled")
         data = os.read(self.fd, len(buf))
         buf[:len(data)] = data
-        if not data:
-            self.pipe.check_status()
+        if not data and not self.eof:
+            self.eof = True
+            self.wait_for_exit()
         return len(data)
+
+    def wait_for_exit(self) -> None:
+        # EOF comes as the command closes its output, a moment before its exit status can be
+        # read: wait for it (poll() alone races, and a failed command would pass as a good one).
+        try:
+            self.pipe.proc.wait(self.timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.pipe.proc.pid)
+            raise StalledRead(f"the command closed its output but did not exit within {self.timeout_s:g} s "
+                              f"(data.read_timeout_s)") from None
+        status = self.pipe.status = self.pipe.proc.returncode
+        if status not in self.pipe.ignore_status and not self.pipe.ignore_errors:
+            raise OSError(f"its command failed (exit {status}) after sending the whole stream")
 
     def close(self) -> None:
         if not self.closed:
             super().close()
-            if self.pipe.proc.poll() is None:  # abandoned mid-shard: do not wait for it to finish
+            if not self.eof and self.pipe.proc.poll() is None:  # abandoned mid-shard: do not wait for it
                 kill_tree(self.pipe.proc.pid)
             self.pipe.proc.wait()
             self.pipe.stream.close()
