@@ -43,6 +43,16 @@ def captured_stdout():
         raise
 
 
+def skip_unused_deepspeed_ops() -> None:
+    """Call after importing deepspeed, before its comm backend starts. On a CPU, that backend
+    JIT-builds a shared-memory all-reduce op (deepspeed_shm_comm) that only DeepSpeed's inference
+    and tensor-parallel paths call, never training; on a fresh machine the build is about two
+    minutes of g++ before the first step. DeepSpeed keeps its op table for such edits."""
+    import deepspeed.ops  # here: launchers set DeepSpeed's accelerator environment before its first import
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def model_on_gpu() -> bool:
     from deepspeed.accelerator import get_accelerator
 
@@ -55,6 +65,7 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
     import deepspeed  # here: launchers set DeepSpeed's accelerator environment before its first import
 
     quiet_deepspeed()
+    skip_unused_deepspeed_ops()  # (a Ray worker's comm backend starts inside initialize)
     ds_cfg = deepspeed_config(cfg, world_size, on_gpu=model_on_gpu())
     ds_json = {k: v for k, v in ds_cfg.items() if k != "scheduler"}  # kiln's schedule, given below
     with captured_stdout():

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from kiln.checkpoint.store import LocalStore
 from kiln.config.validate import use_gpus
 from kiln.context import Context
-from kiln.engine.build import captured_stdout
+from kiln.engine.build import captured_stdout, skip_unused_deepspeed_ops
 from kiln.launch.env import free_port, set_worker_env
 from kiln.launch.stop import StopRequest
 from kiln.plan import RunPlan
@@ -35,6 +35,8 @@ class LocalLauncher:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         import deepspeed  # after set_worker_env: it picks its accelerator when first imported
+
+        skip_unused_deepspeed_ops()
 
         with captured_stdout():
             deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False,

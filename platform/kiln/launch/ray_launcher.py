@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+
 from kiln.checkpoint.store import abandoned_on_failure, fault_injection_pause, step_dir_name
 from kiln.config.schema import LauncherConfig
 from kiln.config.validate import use_gpus
@@ -207,6 +209,10 @@ class RayLauncher:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         lc, tr = plan.config.launcher, plan.config.trainer
+        if not ray.is_initialized() and not (lc.address or os.environ.get("RAY_ADDRESS")):
+            # A local instance will have this machine's GPUs: refuse a run they cannot hold (fp16
+            # on a CPU machine, too few GPUs) before spending seconds starting Ray.
+            use_gpus(plan.config, torch.cuda.device_count())
         where = self.connect(lc, lc.num_workers * lc.cpus_per_worker)
         worker_output = show_worker_output()  # the workers' lines as they wrote them (ray_console.py)
         self.check_capacity(lc)
