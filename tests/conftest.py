@@ -112,6 +112,24 @@ def train_in_process(args: list[str], run_dir: Path) -> dict:
     return run(plan_run(compose(with_storage(args, run_dir)), run_dir))
 
 
+def main_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """kiln-train's main() as its console script calls it, in this process: for commands that
+    end before launch (bad input, a dry run), without the seconds of interpreter, torch and Hydra
+    start-up that a subprocess costs. Returns (exit code, stdout, stderr)."""
+    from kiln.cli import train as cli
+
+    old, sys.argv = sys.argv, ["kiln-train", *argv]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
 

@@ -7,6 +7,7 @@
   traceback still shown (kiln's printer of Ray's forwarded output, tested on Ray's log batches)."""
 
 import fcntl
+import math
 import os
 import pty
 import re
@@ -19,6 +20,7 @@ import time
 import pytest
 
 from conftest import REPO, assert_ok, kiln_train, with_storage
+from kiln.tracking.jsonl import read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -112,8 +114,14 @@ def test_a_terminal_gets_a_progress_bar_and_then_the_summary(tmp_path, small_dat
 @pytest.mark.timeout(400)
 def test_ray_console_is_rank_0_alone_as_it_wrote_it_and_every_rank_logs(tmp_path, small_dataset, ray_head):
     run = tmp_path / "run"
-    rc, out = kiln_train_on_a_terminal(args(small_dataset), run, env=ray_head.driver_env, timeout=360)
+    # (ZeRO-0 in bf16 over two workers: no other 2-worker run uses that stage)
+    rc, out = kiln_train_on_a_terminal(args(small_dataset, "parallelism=zero0", "precision=bf16"), run,
+                                       env=ray_head.driver_env, timeout=360)
     assert rc == 0, out[-3000:]
+    assert "2 rank(s) on cpu; ZeRO-0 bf16" in out
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records), records
     assert "(RayTrainWorker pid=" not in out and "(TrainController pid=" not in out, out[-3000:]
     assert "PreemptionWatcher" not in out and "core_worker.cc" not in out
     assert "Requesting resources" not in out and "Setting up process group" not in out

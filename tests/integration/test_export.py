@@ -16,7 +16,8 @@ import torch
 from conftest import REPO, assert_ok, kiln_train, stdlib_files
 from kiln.tracking.jsonl import read_jsonl
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs them all: the trained base run is a module fixture, built once, not once per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("export")]
 
 LR = 3e-3
 COMMON = ["launcher=local", "model=tiny", "logger=none", "precision=fp32", "trainer.log_interval=1",

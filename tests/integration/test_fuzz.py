@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import train_in_process
+from conftest import main_in_process, train_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -51,20 +51,8 @@ def random_overrides(rng: random.Random) -> list[str]:
 
 
 def kiln_train_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    """kiln-train's main() as the console script calls it; (exit code, all it printed)."""
-    from kiln.cli import train as cli
-
-    old = sys.argv
-    sys.argv = ["kiln-train", *argv]
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = main_in_process(argv, capsys)
+    return code, out + err
 
 
 def assert_clean(code: int, text: str, case) -> None:

@@ -12,7 +12,8 @@ import torch
 from conftest import train_in_process
 from kiln.tracking.jsonl import read_jsonl
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs them all: the llama run is a module fixture, trained once, not once per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("llama")]
 
 COMMON = ["launcher=local", "model=llama-tiny", "logger=none", "precision=fp32", "trainer.log_interval=1",
           "trainer.checkpoint_interval=0", "optim.warmup_steps=5", "optim.lr=3e-3", "data.num_workers=0",

@@ -1,6 +1,7 @@
 """Hydra --multirun sweeps as Ray Train runs on one Ray instance: a 4-trial sweep with one trial that
-diverges (a real failure inside the Ray workers) and one stopped by SIGTERM, run twice. Its trials
-run ZeRO-0 in bf16 (the stage no other 2-worker test uses); the Optuna sweep runs launcher=local.
+diverges (a real failure inside the Ray worker) and one stopped by SIGTERM, run twice. Its trials
+run one Ray worker each, ZeRO-0 in bf16 (what a sweep adds is the same for any worker count; two
+workers in ZeRO-0 bf16: test_console.py's Ray run); the Optuna sweep runs launcher=local.
 The sweep starts its own local Ray instance, so it needs no xdist group (conftest.py): no other
 test counts the workers of a local instance."""
 
@@ -26,7 +27,7 @@ def sweep_cmd(tmp_path, max_steps: int) -> list[str]:
     return ["kiln-train", "--multirun", f"optim.lr={','.join(LRS)}", f"trainer.max_steps={max_steps}",
             "trainer.log_interval=2", "trainer.eval_interval=1000", "trainer.eval_batches=2",
             "trainer.checkpoint_interval=4", "data.num_workers=1", "trainer.run_name=lr-sweep",
-            "parallelism=zero0", "precision=bf16",
+            "parallelism=zero0", "precision=bf16", "launcher.num_workers=1",
             f"launcher.storage_path={tmp_path / 'ck'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
 
 

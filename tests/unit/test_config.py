@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import REPO, kiln_train
+from conftest import REPO, kiln_train, main_in_process, with_storage
 from kiln.config.validate import use_gpus, validate_data
 from kiln.errors import ConfigError
 
@@ -119,8 +119,8 @@ def test_unknown_choice_is_rejected_naming_the_key_and_the_choices(compose, key,
                                           ("trainer.resume=false", "trainer.resume=never"),
                                           ("trainer.resume=/some/step_000000010", "trainer.resume_from=/some/step_000000010"),
                                           ("launcher.use_gpu=auto", "launcher.use_gpu=null")])
-def test_cli_explains_settings_whose_spelling_changed(tmp_path, override, fix):
-    err = cli_error(tmp_path, override)
+def test_cli_explains_settings_whose_spelling_changed(tmp_path, override, fix, capsys):
+    err = cli_error(tmp_path, capsys, override)
     assert fix in err and "Traceback" not in err
 
 
@@ -182,55 +182,57 @@ def test_model_vocab_smaller_than_tokenizer(compose, small_dataset):
 
 # --- the real CLI: errors come before any worker (or Ray) starts --------------------------
 
-def cli_error(tmp_path: Path, *args: str) -> str:
-    proc = kiln_train(list(args), tmp_path / "run", timeout=120)
-    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stdout}\n{proc.stderr}"
-    assert "Ray instance" not in proc.stdout and "Started training worker group" not in proc.stdout
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    return proc.stderr
+def cli_error(tmp_path: Path, capsys, *args: str) -> str:
+    """kiln-train's main() in this process (the console script itself: the n_head test below)."""
+    run = tmp_path / "run"
+    code, out, err = main_in_process([*with_storage(list(args), run), f"hydra.run.dir={run}"], capsys)
+    assert code == 2, f"exit {code}: {out}\n{err}"
+    assert "Ray instance" not in out and "Started training worker group" not in out
+    assert not (run / "metrics.jsonl").exists()
+    return err
 
 
 @pytest.mark.timeout(120)
 def test_cli_n_head_error_before_workers(tmp_path):
-    err = cli_error(tmp_path, "model=tiny", "model.n_head=5")
+    proc = kiln_train(["model=tiny", "model.n_head=5"], tmp_path / "run", timeout=120)
+    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stdout}\n{proc.stderr}"
+    assert "Ray instance" not in proc.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+    err = proc.stderr
     assert "model.n_head" in err and "not divisible" in err
     assert "Traceback" not in err
 
 
 @pytest.mark.timeout(120)
-def test_cli_fp16_on_cpu_error_before_workers(tmp_path, small_dataset):
-    err = cli_error(tmp_path, "precision=fp16", f"data.path={small_dataset}")
+def test_cli_fp16_on_cpu_error_before_workers(tmp_path, small_dataset, capsys):
+    err = cli_error(tmp_path, capsys, "precision=fp16", f"data.path={small_dataset}")
     assert "config error at `precision`" in err
 
 
 @pytest.mark.timeout(120)
-def test_cli_empty_data_path(tmp_path):
+def test_cli_empty_data_path(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    err = cli_error(tmp_path, "launcher=local", f"data.path={empty}")
+    err = cli_error(tmp_path, capsys, "launcher=local", f"data.path={empty}")
     assert f"data.path={empty}" in err and "no shards" in err
 
 
 @pytest.mark.timeout(120)
-def test_cli_num_workers_zero(tmp_path):
-    err = cli_error(tmp_path, "launcher.num_workers=0")
+def test_cli_num_workers_zero(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "launcher.num_workers=0")
     assert "launcher.num_workers" in err
 
 
 @pytest.mark.timeout(120)
-def test_cli_seq_len_error(tmp_path):
-    err = cli_error(tmp_path, "data.seq_len=4096")
+def test_cli_seq_len_error(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "data.seq_len=4096")
     assert "data.seq_len" in err and "block_size" in err
 
 
 @pytest.mark.timeout(120)
-def test_cli_cfg_job_prints_composed_config():
-    import subprocess
-
-    out = subprocess.run(["kiln-train", "--cfg", "job", "model=gpt2-small"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "n_embd: 768" in out.stdout and "zero_stage: 2" in out.stdout
+def test_cli_cfg_job_prints_composed_config(capsys):
+    code, out, err = main_in_process(["--cfg", "job", "model=gpt2-small"], capsys)
+    assert code == 0, err
+    assert "n_embd: 768" in out and "zero_stage: 2" in out
 
 
 def test_negative_checkpoint_settings(compose):
@@ -239,8 +241,8 @@ def test_negative_checkpoint_settings(compose):
 
 
 @pytest.mark.timeout(120)
-def test_cli_init_from_nonsense_fails_before_workers(tmp_path):
-    err = cli_error(tmp_path, "launcher=local", f"model.init_from={tmp_path}")
+def test_cli_init_from_nonsense_fails_before_workers(tmp_path, capsys):
+    err = cli_error(tmp_path, capsys, "launcher=local", f"model.init_from={tmp_path}")
     assert "model.init_from" in err and "neither a kiln checkpoint" in err
 
 

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, main_in_process
 from kiln.config.schema import TrainConfig
 
 KUBERAY = REPO / "launchers" / "kuberay"
@@ -281,16 +281,17 @@ def test_command_fits_its_cluster(where, command, kind, compose):
     assert cluster_problems(cluster_spec(one(kind)), args, cfg, exact=(kind == "RayJob")) == []
 
 
-def run_cfg_job(args: list[str]) -> subprocess.CompletedProcess:
-    """The real console script; `--cfg job` prints the composed config and exits, training nothing."""
-    return subprocess.run(["kiln-train", *args, "--cfg", "job"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+def run_cfg_job(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """kiln-train's main() (in this process); `--cfg job` prints the composed config and exits,
+    training nothing."""
+    code, out, err = main_in_process([*args, "--cfg", "job"], capsys)
+    return subprocess.CompletedProcess(["kiln-train", *args, "--cfg", "job"], code, out, err)
 
 
 @pytest.mark.parametrize("where,command,kind", COMMANDS, ids=[w for w, _, _ in COMMANDS])
-def test_kiln_train_accepts_command(where, command, kind, compose):
+def test_kiln_train_accepts_command(where, command, kind, compose, capsys):
     args = kiln_args(command)
-    proc = run_cfg_job(args)
+    proc = run_cfg_job(args, capsys)
     assert proc.returncode == 0, \
         f"{where}: kiln-train {' '.join(args)} --cfg job\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     printed = yaml.safe_load(proc.stdout)
@@ -307,11 +308,11 @@ def test_kiln_train_accepts_command(where, command, kind, compose):
 
 # --- the checks can fail ----------------------------------------------------------------------
 
-def test_a_misspelled_override_is_rejected(compose):
+def test_a_misspelled_override_is_rejected(compose, capsys):
     args = kiln_args(one("RayJob")["spec"]["entrypoint"])
     bad = [a.replace("launcher.num_workers=", "launcher.num_wokers=") for a in args]
     assert bad != args
-    proc = run_cfg_job(bad)
+    proc = run_cfg_job(bad, capsys)
     assert proc.returncode != 0 and "num_wokers" in proc.stdout + proc.stderr
     with pytest.raises(Exception, match="num_wokers"):
         compose(bad)
