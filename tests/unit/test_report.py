@@ -95,6 +95,30 @@ def test_report_of_a_resumed_run(tmp_path, capsys):
 
 
 @pytest.mark.timeout(60)
+def test_events_are_listed_and_marked_on_the_loss_curve(tmp_path, capsys):
+    """A loss spike rolled back (as training/fit.py records it, through kiln's own writer), one
+    with nothing to roll back to, and a last line a kill cut short: two events reported."""
+    from kiln.tracking.events import record_event
+
+    records = [record(s) for s in range(5, 65, 5)]
+    plain = write_run(tmp_path / "plain", records, summary("plain", records))
+    spiky = write_run(tmp_path / "spiky", records, summary("spiky", records))
+    spike = {"loss": 41.5, "recent_mean": 3.1, "limit": 3.6}
+    record_event(spiky, "loss_spike", 8, rolled_back_to=None, **spike)
+    record_event(spiky, "loss_spike", 26, rolled_back_to=20, skipped_micro_batches=6, rollback=1, **spike)
+    with open(spiky / "events.jsonl", "a") as f:
+        f.write('{"event": "loss_sp')
+    assert main([str(spiky)]) == 0
+    out = capsys.readouterr().out
+    assert "  events      step 8: loss spike (loss 41.5 > limit 3.6); no checkpoint to roll back to" in out
+    assert "              step 26: loss spike (loss 41.5 > limit 3.6); rolled back to step 20, skipped 6 micro-batch(es)" in out
+    assert main([str(plain)]) == 0 and "  events  " not in capsys.readouterr().out
+    marked, unmarked = (matplotlib.image.imread(d / "report" / "loss.png") for d in (spiky, plain))
+    assert_png(spiky / "report" / "loss.png")
+    assert (marked != unmarked).any(axis=-1).mean() > 0.002, "the event lines (and their legend entry) are drawn"
+
+
+@pytest.mark.timeout(60)
 def test_mfu_and_keys_added_later_are_drawn_and_text_is_ignored(tmp_path, capsys):
     records = [record(s, mfu=0.25 + s / 1000, **{"time/step_s": 0.5, "memory/gib": 3.0, "note": "warm"})
                for s in range(10, 110, 10)]

@@ -24,6 +24,7 @@ STEP = "step (optimizer steps)"
 KNOWN = {"step", "tokens", "loss", "eval_loss", "eval_split", "lr", "grad_norm", "tokens_per_s", "mfu"}
 MAX_OTHER = 12
 TRAIN, EVAL = {"lw": 1.2}, {"lw": 1.2, "ls": "--", "marker": "o", "ms": 3}  # eval: few points, marked
+EVENT = {"lw": 1.0, "ls": ":", "alpha": 0.8}
 
 
 def spread(values: list[float]) -> float:
@@ -93,12 +94,26 @@ def loss_plot(runs, labels, colors, title, out: Path) -> Path | None:
     if spread(values) >= 2:  # most of a run is spent well below its first losses
         log_y(ax, values)
     tokens_axis(ax, runs)
+    events = mark_events(ax, runs, colors)
     handles = ax.get_legend_handles_labels()[0]
+    if events:
+        handles.append(Line2D([], [], color=colors[0] if single else "black", label=events, **EVENT))
     if len(runs) > 1:  # colours name the runs; line styles the split
         handles += [Line2D([], [], color="black", label="train", **TRAIN),
                     Line2D([], [], color="black", label=eval_label, **EVAL)]
     legend(ax, len(runs), handles)
     return save(fig, out / "loss.png")
+
+
+def mark_events(ax, runs, colors) -> str | None:
+    """A dotted vertical line at each event's step (a loss spike rolled back: the curve after it
+    is the replay); returns the legend's label for them, None without events."""
+    kinds = set()
+    for run, color in zip(runs, colors):
+        for e in run.events:
+            ax.axvline(e["step"], color=color, **EVENT)
+            kinds.add(e["event"].replace("_", " "))
+    return f"event ({', '.join(sorted(kinds))}; kiln-report lists them)" if kinds else None
 
 
 # file, key, y label, when to use a log scale (from each series' values), y from zero, scale

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -13,6 +13,7 @@ import yaml
 from kiln.errors import KilnError
 
 METRICS, SUMMARY, TRIAL, TRIALS = "metrics.jsonl", "summary.json", "trial.json", "trials.json"
+EVENTS = "events.jsonl"  # kiln/tracking/events.py
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 WHERE = "a run's output directory (outputs/<run_name>/<timestamp>) or a sweep's (multirun/<run_name>)"
 
@@ -90,6 +91,7 @@ class Run:
     replaced: int                # records a resumed run logged again (or abandoned)
     summary: dict                # summary.json; {} while the run has none (running, or killed)
     overrides: list[str] | None  # .hydra/overrides.yaml
+    events: list[dict] = field(default_factory=list)  # events.jsonl: loss spikes rolled back, ...
 
     @property
     def name(self) -> str:
@@ -114,7 +116,37 @@ def read_run(path: Path) -> Run:
     records = last_per_step(raw)
     summary = read_json(path / SUMMARY)
     return Run(path, records, len(raw) - len(records), summary if isinstance(summary, dict) else {},
-               read_overrides(path))
+               read_overrides(path), read_events(path / EVENTS))
+
+
+def read_events(path: Path) -> list[dict]:
+    """events.jsonl's events that have a kind and a step; a line cut short by a kill (the last)
+    or anything else unreadable is left out: events annotate the curves, they are not the data."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(e, dict) and isinstance(e.get("event"), str) and isinstance(e.get("step"), int):
+            events.append(e)
+    return events
+
+
+def describe_event(e: dict) -> str:
+    """One line for an event: its kind, and what the run did about it."""
+    if e["event"] == "loss_spike":
+        loss = f"loss {e['loss']:.4g}" if is_number(e.get("loss")) else "loss"
+        limit = f" > limit {e['limit']:.4g}" if is_number(e.get("limit")) else ""
+        back = e.get("rolled_back_to")
+        done = (f"rolled back to step {back}, skipped {e.get('skipped_micro_batches', '?')} micro-batch(es)"
+                if back is not None else "no checkpoint to roll back to")
+        return f"step {e['step']}: loss spike ({loss}{limit}); {done}"
+    return f"step {e['step']}: {e['event']}"
 
 
 def load_run(path: Path) -> Run:

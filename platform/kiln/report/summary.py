@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from kiln.report.series import Run, Trial
+from kiln.report.series import Run, Trial, describe_event
 
 
 def best(run: Run | None, key: str) -> tuple[float, int] | None:
@@ -43,6 +43,8 @@ def run_lines(run: Run, label: str) -> list[str]:
         lines.append(f"  MFU         mean {100 * m[0]:.1f}% over {m[1]} intervals{steady}")
     else:
         lines.append(f"  MFU         n/a: {s.get('mfu_basis') or 'none logged'}")
+    for i, e in enumerate(run.events):
+        lines.append(f"  {'events' if i == 0 else '':<12}{describe_event(e)}")
     return lines
 
 
