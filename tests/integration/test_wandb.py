@@ -170,6 +170,9 @@ def test_unreachable_wandb_host_warns_once_and_the_run_logs_offline(tmp_path, sm
     assert str(Path(summary["wandb"]["dir"])) in warnings[0]
     path = run_file(summary)
     assert Path(path).parent.name.startswith("offline-run-")
+    # The failed online start left no run directory of its own for `wandb sync` to upload.
+    runs = [p.name for p in Path(path).parent.parent.iterdir() if p.is_dir() and not p.is_symlink()]
+    assert runs == [Path(path).parent.name], runs
     check_history(path, tmp_path / "run", [1, 2, 3, 4])
     assert final_summary(path)["steps"] == "4"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -112,27 +113,45 @@ def start(cfg, output_dir: Path, resume_id: str | None = None, public_config: di
                 config=public_config if public_config is not None else redact(cfg.to_dict()),
                 # init_timeout bounds an online start (W&B's default, 90 s, retries an unreachable host).
                 settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=float(lg.init_timeout_s)))
-    errors = []
+    errors, root = [], wandb_root(output_dir) / "wandb"
+    before = set(root.iterdir()) if root.is_dir() else set()
     for attempt in ("online", "offline") if mode == "online" else (mode,):
         try:
             with argv_redacted():
                 run = wandb.init(mode=attempt, **args)
         except Exception as e:  # whatever W&B raises, training goes on
             errors.append(e)
+            discard(new_run_dirs(root, before))
             continue
         if errors:
             print_line(f"warning: W&B could not start online ({why(errors[0])}); logging offline instead, to "
                        f"{Path(run.dir).parent} (upload it later with wandb sync; logger.init_timeout_s="
                        f"{lg.init_timeout_s:g} bounds the wait for W&B)")
-        return WandbRun(run, attempt)
+        return WandbRun(run, attempt, (root, before) if errors else None)
     print_line(f"warning: W&B could not start ({'; then '.join(why(e) for e in errors)}); this run is recorded "
                f"in metrics.jsonl and summary.json only")
     return None
 
 
+def new_run_dirs(root: Path, before: set[Path], keep: Path | None = None) -> list[Path]:
+    """W&B run directories under root that were not there before (but keep). A failed wandb.init
+    leaves one (no history, only its config and W&B's logs of the failure, whose cause kiln's
+    warning names), which `wandb sync` of the wandb directory would upload as a second run."""
+    return [p for p in (set(root.iterdir()) - before if root.is_dir() else ())
+            if p != keep and p.is_dir() and not p.is_symlink() and p.name.startswith(("run-", "offline-run-"))]
+
+
+def discard(dirs: list[Path]) -> None:
+    for path in dirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class WandbRun:
-    def __init__(self, run, mode: str):
+    def __init__(self, run, mode: str, failed_start: tuple[Path, set[Path]] | None = None):
         self.run, self.mode = run, mode
+        # (wandb dir, its contents before): W&B's service creates a failed start's directory
+        # after wandb.init has raised, so it is removed again at the end
+        self.failed_start = failed_start
         self.dir = Path(run.dir).parent  # .../wandb/<offline-run-...>
         # The first step W&B's row counter (_step) takes: past a resumed online run's last row.
         self.next_step = run.starting_step
@@ -158,4 +177,6 @@ class WandbRun:
         else:
             info["sync"] = sync_command(self.dir)
         self.run.finish()
+        if self.failed_start:
+            discard(new_run_dirs(*self.failed_start, keep=self.dir))
         return info
