@@ -99,6 +99,7 @@ def test_a_terminal_gets_a_progress_bar_and_then_the_summary(tmp_path, small_dat
     rc, out = kiln_train_on_a_terminal(["launcher=local", *args(small_dataset)], run)
     assert rc == 0, out[-3000:]
     assert "\r" in out and "\x1b[K" in out, "the bar is redrawn in place"
+    assert re.search(r"step 0/4 \S+ +0% \| starting, \d+s", out), "the bar shows before the first interval"
     assert re.search(r"step 2/4 \S+ +50% \| loss \d\.\d{4} \| [\d,]+ tok/s \| \d+s, ETA \d+s", out), out[-3000:]
     assert re.search(r"step 4/4 .*\| eval \d\.\d{4} \|", out), "the eval loss joins the bar"
     assert "[kiln] step " not in out, "on a terminal the bar replaces the step lines"

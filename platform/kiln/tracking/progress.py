@@ -67,6 +67,8 @@ class ProgressBar(Terminal):
         self.err_on_screen = same_terminal(out_fd, err_fd)
         self.utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
         self._stop = threading.Event()
+        with self.lock:
+            self._draw()  # from launch on, not from the first log interval
         threading.Thread(target=self._tick, args=(tick_s,), daemon=True, name="kiln-progress").start()
 
     @classmethod
@@ -99,11 +101,15 @@ class ProgressBar(Terminal):
             self._draw()
 
     def finish(self) -> None:
-        """Leave the last state of the bar on screen, on its own line; plain writes from here on."""
+        """Leave the last state of the bar on screen, on its own line (not the starting line of a
+        run that logged nothing); plain writes from here on."""
         with self.lock:
             self._stop.set()
             if not self.closed:
-                self._draw()
+                if self.last is None:
+                    self._clear()
+                else:
+                    self._draw()
                 if self.shown:
                     write_all(self.out_fd, b"\n")
                 self.shown, self.closed = False, True
@@ -131,12 +137,15 @@ class ProgressBar(Terminal):
 
     def text(self, now: float, width: int) -> str:
         m = self.last
+        step = 0 if m is None else m["step"]
         n = len(str(self.max_steps))
-        head = f"step {m['step']:>{n}}/{self.max_steps}"
-        done = min(1.0, m["step"] / self.max_steps) if self.max_steps else 1.0
+        head = f"step {step:>{n}}/{self.max_steps}"
+        done = min(1.0, step / self.max_steps) if self.max_steps else 1.0
         cells = 16
         full, empty = ("\u2588", "\u2591") if self.utf8 else ("#", "-")
         bar = f"[{full * round(done * cells)}{empty * (cells - round(done * cells))}] {100 * done:3.0f}%"
+        if m is None:  # workers starting, data opening, model building: the clock shows it is alive
+            return f"{head} {bar} | starting, {duration(now - self.started)}"[:max(width - 1, 1)]
         parts = [f"loss {m['loss']:.4f}"]
         if self.eval_loss is not None:
             parts.append(f"eval {self.eval_loss:.4f}")
@@ -158,7 +167,7 @@ class ProgressBar(Terminal):
             self.shown = False
 
     def _draw(self) -> None:
-        if self.closed or self.line_open or self.last is None:
+        if self.closed or self.line_open:
             return
         line = self.text(time.time(), terminal_width(self.out_fd))
         write_all(self.out_fd, b"\r" + line.encode("utf-8", "replace") + b"\x1b[K")
