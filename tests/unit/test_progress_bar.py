@@ -32,9 +32,9 @@ def test_the_bar_shows_from_launch_then_each_interval_and_clears_if_nothing_was_
     r, w = os.pipe()
     os.set_blocking(r, False)
     bar = ProgressBar(os.dup(w), os.dup(w), max_steps=10, tick_s=0.05)
-    assert screen(drain(r)) == "step  0/10 [----------------]   0% | starting, 0s"
+    assert re.fullmatch(r"step  0/10 \[-{16}\]   0% \| starting, \d+s", screen(drain(r)))
     time.sleep(1.2)  # the ticker redraws: the clock moves while the workers start
-    assert screen(drain(r)).endswith("| starting, 1s")
+    assert re.search(r"\| starting, [1-9]\d*s$", screen(drain(r)))
     bar.update({"step": 5, "loss": 3.25, "tokens": 5000, "tokens_per_s": 1000.0, "time": time.time()})
     line = screen(drain(r))
     assert line.startswith("step  5/10 [########--------]  50% | loss 3.2500 | 1,000 tok/s"), line
