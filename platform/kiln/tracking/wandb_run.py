@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import sys
@@ -109,36 +110,41 @@ def start(cfg, output_dir: Path, resume_id: str | None = None, public_config: di
     mode = resolve_mode(lg)
     args = dict(run_fields(lg, cfg.trainer.run_name),
                 # A resumed kiln run continues its W&B run: same id, the step axis carrying on.
-                id=resume_id, resume="allow" if resume_id else None, dir=str(wandb_root(output_dir)),
+                resume="allow" if resume_id else None, dir=str(wandb_root(output_dir)),
                 config=public_config if public_config is not None else redact(cfg.to_dict()),
                 # init_timeout bounds an online start (W&B's default, 90 s, retries an unreachable host).
                 settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=float(lg.init_timeout_s)))
-    errors, root = [], wandb_root(output_dir) / "wandb"
+    errors, root, failed = [], wandb_root(output_dir) / "wandb", []
     before = set(root.iterdir()) if root.is_dir() else set()
     for attempt in ("online", "offline") if mode == "online" else (mode,):
+        # A new run's id is chosen here, one per attempt (W&B's service holds a failed start's id
+        # a while), so a failed start's directory is known by it, even in a shared $WANDB_DIR.
+        run_id = resume_id or secrets.token_hex(4)
         try:
             with argv_redacted():
-                run = wandb.init(mode=attempt, **args)
+                run = wandb.init(mode=attempt, id=run_id, **args)
         except Exception as e:  # whatever W&B raises, training goes on
             errors.append(e)
-            discard(new_run_dirs(root, before))
+            failed.append(run_id)
+            discard(new_run_dirs(root, before, failed))
             continue
         if errors:
             print_line(f"warning: W&B could not start online ({why(errors[0])}); logging offline instead, to "
                        f"{Path(run.dir).parent} (upload it later with wandb sync; logger.init_timeout_s="
                        f"{lg.init_timeout_s:g} bounds the wait for W&B)")
-        return WandbRun(run, attempt, (root, before) if errors else None)
+        return WandbRun(run, attempt, (root, before, failed) if errors else None)
     print_line(f"warning: W&B could not start ({'; then '.join(why(e) for e in errors)}); this run is recorded "
                f"in metrics.jsonl and summary.json only")
     return None
 
 
-def new_run_dirs(root: Path, before: set[Path], keep: Path | None = None) -> list[Path]:
-    """W&B run directories under root that were not there before (but keep). A failed wandb.init
-    leaves one (no history, only its config and W&B's logs of the failure, whose cause kiln's
-    warning names), which `wandb sync` of the wandb directory would upload as a second run."""
+def new_run_dirs(root: Path, before: set[Path], run_ids: list[str], keep: Path | None = None) -> list[Path]:
+    """The W&B run directories of these ids under root that were not there before (but keep). A
+    failed wandb.init leaves one (no history, only its config and W&B's logs of the failure, whose
+    cause kiln's warning names), which `wandb sync` of the wandb directory would upload as a run."""
     return [p for p in (set(root.iterdir()) - before if root.is_dir() else ())
-            if p != keep and p.is_dir() and not p.is_symlink() and p.name.startswith(("run-", "offline-run-"))]
+            if p != keep and p.is_dir() and not p.is_symlink() and p.name.startswith(("run-", "offline-run-"))
+            and p.name.rsplit("-", 1)[-1] in run_ids]
 
 
 def discard(dirs: list[Path]) -> None:
@@ -147,10 +153,10 @@ def discard(dirs: list[Path]) -> None:
 
 
 class WandbRun:
-    def __init__(self, run, mode: str, failed_start: tuple[Path, set[Path]] | None = None):
+    def __init__(self, run, mode: str, failed_start: tuple[Path, set[Path], list[str]] | None = None):
         self.run, self.mode = run, mode
-        # (wandb dir, its contents before): W&B's service creates a failed start's directory
-        # after wandb.init has raised, so it is removed again at the end
+        # (wandb dir, its contents before, failed ids): W&B's service creates a failed start's
+        # directory after wandb.init has raised, so it is removed again at the end
         self.failed_start = failed_start
         self.dir = Path(run.dir).parent  # .../wandb/<offline-run-...>
         # The first step W&B's row counter (_step) takes: past a resumed online run's last row.
