@@ -177,6 +177,27 @@ def test_unreachable_wandb_host_warns_once_and_the_run_logs_offline(tmp_path, sm
     assert final_summary(path)["steps"] == "4"
 
 
+@pytest.mark.timeout(180)
+def test_a_resumed_run_that_cannot_reach_wandb_continues_its_run_offline(tmp_path, small_dataset, monkeypatch, capsys):
+    """The offline retry keeps the resumed run's W&B id (W&B's service holds a failed start's id
+    busy: kiln starts a fresh one), so the upload later continues the same W&B run."""
+    common = [*base(small_dataset), "trainer.run_name=again", f"launcher.storage_path={tmp_path / 'ck'}"]
+    first = train_in_process([*common, "logger.mode=offline", "trainer.max_steps=4"], tmp_path / "a")
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    capsys.readouterr()
+    second = train_in_process([*common, "logger.mode=online", "logger.init_timeout_s=5", "trainer.max_steps=6"],
+                              tmp_path / "b")
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "logging offline instead" in out, out
+    assert second["wandb"]["mode"] == "offline" and second["wandb"]["id"] == first["wandb"]["id"]
+    path = run_file(second)
+    assert run_info(path)["id"] == first["wandb"]["id"]
+    assert [r["_step"] for r in history(path)] == [5, 6]
+    runs = [p.name for p in Path(path).parent.parent.iterdir() if p.is_dir() and not p.is_symlink()]
+    assert runs == [Path(path).parent.name], runs
+
+
 @pytest.mark.timeout(120)
 def test_wandb_mode_disabled_gives_no_wandb_run(tmp_path, small_dataset, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -114,37 +114,46 @@ def start(cfg, output_dir: Path, resume_id: str | None = None, public_config: di
                 config=public_config if public_config is not None else redact(cfg.to_dict()),
                 # init_timeout bounds an online start (W&B's default, 90 s, retries an unreachable host).
                 settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=float(lg.init_timeout_s)))
-    errors, root, failed = [], wandb_root(output_dir) / "wandb", []
+    errors, root = [], wandb_root(output_dir) / "wandb"
     before = set(root.iterdir()) if root.is_dir() else set()
+    # A new run's id is chosen here, so a failed start's directory is known by it (even in a
+    # shared $WANDB_DIR); the offline retry keeps it, as a resumed run keeps its own.
+    run_id = resume_id or secrets.token_hex(4)
     for attempt in ("online", "offline") if mode == "online" else (mode,):
-        # A new run's id is chosen here, one per attempt (W&B's service holds a failed start's id
-        # a while), so a failed start's directory is known by it, even in a shared $WANDB_DIR.
-        run_id = resume_id or secrets.token_hex(4)
         try:
             with argv_redacted():
                 run = wandb.init(mode=attempt, id=run_id, **args)
         except Exception as e:  # whatever W&B raises, training goes on
             errors.append(e)
-            failed.append(run_id)
-            discard(new_run_dirs(root, before, failed))
+            end_failed_start(wandb)
+            discard(new_run_dirs(root, before, run_id))
             continue
         if errors:
             print_line(f"warning: W&B could not start online ({why(errors[0])}); logging offline instead, to "
                        f"{Path(run.dir).parent} (upload it later with wandb sync; logger.init_timeout_s="
                        f"{lg.init_timeout_s:g} bounds the wait for W&B)")
-        return WandbRun(run, attempt, (root, before, failed) if errors else None)
+        return WandbRun(run, attempt, (root, before, run_id) if errors else None)
     print_line(f"warning: W&B could not start ({'; then '.join(why(e) for e in errors)}); this run is recorded "
                f"in metrics.jsonl and summary.json only")
     return None
 
 
-def new_run_dirs(root: Path, before: set[Path], run_ids: list[str], keep: Path | None = None) -> list[Path]:
-    """The W&B run directories of these ids under root that were not there before (but keep). A
+def end_failed_start(wandb) -> None:
+    """W&B's service keeps a failed start's run id busy ("run ID ... is in use"): the retry under
+    the same id needs a fresh service. Rank 0 has no other W&B run to lose."""
+    try:
+        wandb.teardown()
+    except Exception:  # the retry then says what is wrong
+        pass
+
+
+def new_run_dirs(root: Path, before: set[Path], run_id: str, keep: Path | None = None) -> list[Path]:
+    """The W&B run directories of this id under root that were not there before (but keep). A
     failed wandb.init leaves one (no history, only its config and W&B's logs of the failure, whose
     cause kiln's warning names), which `wandb sync` of the wandb directory would upload as a run."""
     return [p for p in (set(root.iterdir()) - before if root.is_dir() else ())
             if p != keep and p.is_dir() and not p.is_symlink() and p.name.startswith(("run-", "offline-run-"))
-            and p.name.rsplit("-", 1)[-1] in run_ids]
+            and p.name.rsplit("-", 1)[-1] == run_id]
 
 
 def discard(dirs: list[Path]) -> None:
@@ -153,9 +162,9 @@ def discard(dirs: list[Path]) -> None:
 
 
 class WandbRun:
-    def __init__(self, run, mode: str, failed_start: tuple[Path, set[Path], list[str]] | None = None):
+    def __init__(self, run, mode: str, failed_start: tuple[Path, set[Path], str] | None = None):
         self.run, self.mode = run, mode
-        # (wandb dir, its contents before, failed ids): W&B's service creates a failed start's
+        # (wandb dir, its contents before, run id): W&B's service creates a failed start's
         # directory after wandb.init has raised, so it is removed again at the end
         self.failed_start = failed_start
         self.dir = Path(run.dir).parent  # .../wandb/<offline-run-...>
