@@ -59,8 +59,9 @@ def init_process_group() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import deepspeed
 
-    from kiln.engine.build import captured_stdout
+    from kiln.engine.build import captured_stdout, skip_unused_deepspeed_ops
 
+    skip_unused_deepspeed_ops()
     with captured_stdout():
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 

@@ -44,8 +44,10 @@ def process_group():
     import deepspeed.comm
     import torch.distributed as dist
 
+    from kiln.engine.build import skip_unused_deepspeed_ops
     from kiln.launch.env import free_port
 
+    skip_unused_deepspeed_ops()  # as the launchers do: no JIT build of DeepSpeed's CPU comm op
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -47,10 +47,12 @@ def skip_unused_deepspeed_ops() -> None:
     """Call after importing deepspeed, before its comm backend starts. On a CPU, that backend
     JIT-builds a shared-memory all-reduce op (deepspeed_shm_comm) that only DeepSpeed's inference
     and tensor-parallel paths call, never training; on a fresh machine the build is about two
-    minutes of g++ before the first step. DeepSpeed keeps its op table for such edits."""
+    minutes of g++ before the first step. DeepSpeed keeps its op table for such edits. (On a GPU
+    the op does not exist: the table, whose first read probes compilers, is left unread.)"""
     import deepspeed.ops  # here: launchers set DeepSpeed's accelerator environment before its first import
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not model_on_gpu():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def model_on_gpu() -> bool:
