@@ -132,7 +132,7 @@ def start(cfg, output_dir: Path, resume_id: str | None = None, public_config: di
             print_line(f"warning: W&B could not start online ({why(errors[0])}); logging offline instead, to "
                        f"{Path(run.dir).parent} (upload it later with wandb sync; logger.init_timeout_s="
                        f"{lg.init_timeout_s:g} bounds the wait for W&B)")
-        return WandbRun(run, attempt, (root, before, run_id) if errors else None)
+        return WandbRun(run, attempt)
     print_line(f"warning: W&B could not start ({'; then '.join(why(e) for e in errors)}); this run is recorded "
                f"in metrics.jsonl and summary.json only")
     return None
@@ -147,12 +147,13 @@ def end_failed_start(wandb) -> None:
         pass
 
 
-def new_run_dirs(root: Path, before: set[Path], run_id: str, keep: Path | None = None) -> list[Path]:
-    """The W&B run directories of this id under root that were not there before (but keep). A
-    failed wandb.init leaves one (no history, only its config and W&B's logs of the failure, whose
-    cause kiln's warning names), which `wandb sync` of the wandb directory would upload as a run."""
+def new_run_dirs(root: Path, before: set[Path], run_id: str) -> list[Path]:
+    """The W&B run directories of this id under root that were not there before. A failed
+    wandb.init leaves one (no history, only its config and W&B's logs of the failure, whose cause
+    kiln's warning names), which `wandb sync` of the wandb directory would upload as a run. (Its
+    service writes there after wandb.init raised: call after end_failed_start has stopped it.)"""
     return [p for p in (set(root.iterdir()) - before if root.is_dir() else ())
-            if p != keep and p.is_dir() and not p.is_symlink() and p.name.startswith(("run-", "offline-run-"))
+            if p.is_dir() and not p.is_symlink() and p.name.startswith(("run-", "offline-run-"))
             and p.name.rsplit("-", 1)[-1] == run_id]
 
 
@@ -162,11 +163,8 @@ def discard(dirs: list[Path]) -> None:
 
 
 class WandbRun:
-    def __init__(self, run, mode: str, failed_start: tuple[Path, set[Path], str] | None = None):
+    def __init__(self, run, mode: str):
         self.run, self.mode = run, mode
-        # (wandb dir, its contents before, run id): W&B's service creates a failed start's
-        # directory after wandb.init has raised, so it is removed again at the end
-        self.failed_start = failed_start
         self.dir = Path(run.dir).parent  # .../wandb/<offline-run-...>
         # The first step W&B's row counter (_step) takes: past a resumed online run's last row.
         self.next_step = run.starting_step
@@ -192,6 +190,4 @@ class WandbRun:
         else:
             info["sync"] = sync_command(self.dir)
         self.run.finish()
-        if self.failed_start:
-            discard(new_run_dirs(*self.failed_start, keep=self.dir))
         return info
